@@ -1,0 +1,1 @@
+"""Experiments: one-command paper tables (``python -m experiments``), training entry point, configs, benchmarks."""

@@ -1,0 +1,49 @@
+"""One-command paper tables.
+
+    python -m experiments list
+    python -m experiments reproduce NAME [--scale tiny|small|paper] [--out results] [--seeds N]
+
+``tiny`` (default) runs on a 2-core CPU in minutes, ``small`` wants a GPU/TPU for about an hour, ``paper`` is
+the paper's configuration. Results go to ``<out>/NAME/`` (table.md, table.csv, runs.jsonl, plot.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from experiments import tables
+from experiments.tables import common
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  sub.add_parser("list", help="list the reproducible tables and their papers")
+  rep = sub.add_parser("reproduce", help="train a table's grid and compare with the paper")
+  rep.add_argument("name", help="table name (see `list`)")
+  rep.add_argument("--scale", default="tiny", choices=common.SCALES + common.HIDDEN_SCALES,
+                   metavar="{" + "|".join(common.SCALES) + "}", help="model/data scale (default: tiny)")
+  rep.add_argument("--out", default="results", help="results directory (default: results)")
+  rep.add_argument("--seeds", type=int, default=1, help="seeds per variant (default: 1)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if args.command == "list":
+    for name in tables.names():
+      print(f"{name}: {tables.get(name).paper}")
+    return 0
+  try:
+    table = tables.get(args.name)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  common.reproduce(table, scale=args.scale, seeds=args.seeds, out=args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,99 @@
+"""MQAR (Zoology, Arora et al., arXiv 2312.04927, Figure 2): 2-layer, MLP-free models on multi-query
+associative recall, swept over task size, width and learning rate.
+
+    python -m experiments reproduce mqar --scale tiny          # the whole table
+    python -m gated_jax.train --config experiments/configs/mqar.py:tiny --config.model.mixer=gla
+
+``get_config(scale)`` is one run of the sweep (the first task, width and learning rate of the scale, softmax
+attention); ``SWEEPS[scale]`` is the grid the table runs. Zoology's harness: AdamW (weight decay 0.1), cosine
+to 0, no MLP (``state_mixer`` Identity), 2 layers, 100k train / 3k test examples, best accuracy over the
+learning rates. Deviations: no dropout and no early stopping at 0.99; ``tiny`` (2 CPU cores, ≤ 20 minutes)
+keeps the task definition (L=64, 4 pairs) but uses vocabulary 256 instead of 8192 (the logits dominate the
+cost at these widths), batch 32, one epoch of 9,600 examples (300 steps, not 64 epochs), widths {32, 64}
+and one learning rate (3e-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """One scale's grid.
+
+  Attributes:
+    tasks: ``(seq_len, num_kv_pairs)`` pairs.
+    widths: ``d_model`` values.
+    lrs: learning rates (the table reports the best).
+    vocab_size: MQAR vocabulary (keys from ``[1, V/2)``, values from ``[V/2, V)``).
+    num_train_examples / num_eval_examples: dataset sizes.
+    epochs: passes over the training set (sets ``train.steps``).
+    batch_size: ``seq_len -> batch`` (Zoology: 512 for L <= 128, 256 at 256, 128 at 512).
+    compute_dtype: training compute dtype.
+  """
+  tasks: tuple[tuple[int, int], ...]
+  widths: tuple[int, ...]
+  lrs: tuple[float, ...]
+  vocab_size: int
+  num_train_examples: int
+  num_eval_examples: int
+  epochs: float
+  batch_size: dict[int, int]
+  compute_dtype: str = "float32"
+
+  def steps(self, seq_len: int) -> int:
+    return max(1, round(self.epochs * self.num_train_examples / self.batch_size[seq_len]))
+
+
+_ZOOLOGY_LRS = (1e-4, 4.6e-4, 2.2e-3, 1e-2)  # logspace(-4, -2, 4)
+_ZOOLOGY_BATCH = {64: 512, 128: 512, 256: 256, 512: 128}
+SWEEPS = {
+    "micro": Sweep(((32, 2),), (32,), (3e-3,), 64, 64, 32, 0.5, {32: 16}),
+    "tiny": Sweep(((64, 4),), (32, 64), (3e-3,), 256, 9_600, 512, 1.0, {64: 32}),
+    "small": Sweep(((128, 8),), (64, 128, 256), _ZOOLOGY_LRS, 8192, 100_000, 3_000, 16, _ZOOLOGY_BATCH,
+                   "bfloat16"),
+    "paper": Sweep(((64, 4), (128, 8), (256, 16), (512, 64)), (64, 128, 256, 512), _ZOOLOGY_LRS, 8192,
+                   100_000, 3_000, 64, _ZOOLOGY_BATCH),
+}
+
+
+def run_overrides(sweep: Sweep, seq_len: int, num_kv_pairs: int, d_model: int, lr: float) -> dict[str, object]:
+  """Dotted-path overrides for one point of ``sweep`` (task, width, learning rate)."""
+  steps = sweep.steps(seq_len)
+  batch = sweep.batch_size[seq_len]
+  return {
+      "model.vocab_size": sweep.vocab_size, "model.d_model": d_model, "model.max_len": seq_len,
+      "data.seq_len": seq_len, "data.num_kv_pairs": num_kv_pairs, "data.vocab_size": sweep.vocab_size,
+      "data.num_train_examples": sweep.num_train_examples, "data.num_eval_examples": sweep.num_eval_examples,
+      "data.batch_size": batch, "optim.lr": lr, "optim.warmup_steps": max(1, steps // 20),
+      "train.steps": steps, "train.eval_every": steps, "train.checkpoint_every": steps,
+      "train.eval_batches": max(1, sweep.num_eval_examples // batch), "train.log_every": max(1, steps // 50),
+      "train.compute_dtype": sweep.compute_dtype,
+  }
+
+
+def get_config(scale: str = "tiny") -> ml_collections.ConfigDict:
+  """One MQAR run at ``scale`` (``micro``, ``tiny``, ``small`` or ``paper``)."""
+  if scale not in SWEEPS:
+    raise ValueError(f"scale: got {scale!r}; allowed: {', '.join(SWEEPS)}")
+  from experiments.configs import lm  # pylint: disable=import-outside-toplevel  (tables import this module)
+
+  sweep = SWEEPS[scale]
+  config = lm.get_config("tiny")
+  with config.ignore_type():
+    config.model.update(num_layers=2, num_heads=1, num_kv_heads=None, head_dim=None, mlp="none",
+                        mixer="gated_attention", mixer_kwargs={"gate_position": "none"})
+    for field, value in dict(name="mqar", num_kv_pairs=4, vocab_size=8192, power_a=0.01, random_non_queries=False,
+                             num_passes=1, num_train_examples=100_000, num_eval_examples=3_000, seed=0).items():
+      config.data[field] = value
+    config.optim.update(weight_decay=0.1, schedule="warmup_cosine", min_lr_ratio=0.0)
+    config.train.diagnostics = False
+  (seq_len, num_kv_pairs), d_model, lr = sweep.tasks[0], sweep.widths[0], sweep.lrs[0]
+  for path, value in run_overrides(sweep, seq_len, num_kv_pairs, d_model, lr).items():
+    group, field = path.split(".")
+    with config.ignore_type():
+      config[group][field] = value
+  return config

@@ -1,0 +1,221 @@
+"""Decoder-only language model assembled from the ``MIXERS`` / ``MLPS`` registries.
+
+Pre-norm residual blocks (GPT-2/Llama layout, as in the Gated Attention paper's Qwen3 baseline, arXiv
+2505.06708 §3 and Table 7): ``x += mixer(RMSNorm(x)); x += mlp(RMSNorm(x))``, a final RMSNorm, then logits
+through the tied embedding table or an untied ``(embed, vocab)`` projection, always in float32. The mixer of
+layer ``i`` is ``mixer[i % len(mixer)]`` with ``mixer_kwargs[i % len(mixer)]``, so a hybrid stack such as
+``("gla", "gla", "gla", "sliding_attention")`` is a tuple of names.
+
+When the ``"intermediates"`` collection is mutable each block sows ``max_abs_activation`` and ``kurtosis`` of
+the residual stream after it (``gated_jax.models.diagnostics``), next to whatever its mixer sows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from gated_jax.layers import MIXERS, MLPS
+from gated_jax.layers.norms import RMSNorm
+from gated_jax.models import diagnostics
+
+# DecoderLM fields handed to a mixer that declares a field of the same name (unless set in its kwargs).
+_SHARED_MIXER_FIELDS = ("num_kv_heads", "head_dim", "dtype", "max_len", "num_layers")
+_RESERVED_MIXER_KWARGS = ("d_model", "num_heads")
+_INIT_STDDEV = 0.02  # N(0, 0.02) as in the Qwen3 code the paper builds on (initializer_range).
+
+
+def _declared_fields(cls: type) -> frozenset[str]:
+  return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _as_names(mixer: str | Sequence[str]) -> tuple[str, ...]:
+  names = (mixer,) if isinstance(mixer, str) else tuple(mixer)
+  if not names or not all(isinstance(n, str) for n in names):
+    raise ValueError(f"mixer: got {mixer!r}; allowed: a mixer name or a non-empty tuple of names from "
+                     f"{', '.join(MIXERS.names())}")
+  for name in names:
+    MIXERS.get(name)
+  return names
+
+
+def _as_kwargs(mixer_kwargs: Any, count: int) -> tuple[dict[str, Any], ...]:
+  if mixer_kwargs is None:
+    return ({},) * count
+  if isinstance(mixer_kwargs, Mapping):
+    return (dict(mixer_kwargs),) * count
+  kwargs = tuple(mixer_kwargs)
+  if len(kwargs) != count or not all(isinstance(k, Mapping) for k in kwargs):
+    raise ValueError(f"mixer_kwargs: got {mixer_kwargs!r}; allowed: one dict, or a tuple of {count} dicts "
+                     "parallel to mixer")
+  return tuple(dict(k) for k in kwargs)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name}: got {value!r}; allowed: a positive int")
+
+
+def _frozen(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return FrozenDict({k: _frozen(v) for k, v in value.items()})
+  if isinstance(value, list | tuple):
+    return tuple(_frozen(v) for v in value)
+  return value
+
+
+class Block(nn.Module):
+  """One pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` (``mlp="none"``: no MLP).
+
+  Attributes:
+    mixer: registered mixer name.
+    mixer_kwargs: complete constructor kwargs of the mixer (``d_model``, ``num_heads``, ...).
+    mlp: registered MLP name or ``"none"``.
+    mlp_kwargs: complete constructor kwargs of the MLP.
+    dtype: compute dtype.
+  """
+  mixer: str
+  mixer_kwargs: Mapping[str, Any]
+  mlp: str
+  mlp_kwargs: Mapping[str, Any]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    h_BTD = RMSNorm(dtype=self.dtype, name="mixer_norm")(x_BTD)
+    mixer = MIXERS.get(self.mixer)(name="mixer", **self.mixer_kwargs)
+    x_BTD = x_BTD + mixer(h_BTD, segment_ids=segment_ids, positions=positions, decode=decode).astype(x_BTD.dtype)
+    if self.mlp != "none":
+      h_BTD = RMSNorm(dtype=self.dtype, name="mlp_norm")(x_BTD)
+      x_BTD = x_BTD + MLPS.get(self.mlp)(name="mlp", **self.mlp_kwargs)(h_BTD).astype(x_BTD.dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "max_abs_activation", diagnostics.max_abs(x_BTD))
+      self.sow("intermediates", "kurtosis", diagnostics.kurtosis(x_BTD))
+    return x_BTD
+
+
+class DecoderLM(nn.Module):
+  """Decoder-only LM: embedding, ``num_layers`` pre-norm blocks, final RMSNorm, float32 logits.
+
+  Attributes:
+    vocab_size: number of token ids.
+    d_model: residual width.
+    num_layers: number of blocks.
+    num_heads: query heads of each mixer.
+    num_kv_heads: key/value heads (GQA), passed to mixers that declare it; None: the mixer's default.
+    head_dim: per-head width, passed to mixers that declare it; None: the mixer's default.
+    mixer: a ``MIXERS`` name, or a tuple of names cycled over layers.
+    mixer_kwargs: one dict for every layer, or a tuple of dicts parallel to ``mixer``.
+    mlp: an ``MLPS`` name, or ``"none"`` for attention-only blocks.
+    mlp_hidden_dim: MLP hidden width; None: ``4 * d_model``.
+    mlp_kwargs: extra MLP constructor kwargs (e.g. experts of an MoE).
+    tie_embeddings: logits through the embedding table (True) or an untied projection (False).
+    dtype: compute dtype (parameters stay float32; logits are float32).
+    max_len: longest sequence (decode cache length), passed to mixers that declare it.
+    remat: rematerialise each block in the backward pass (``nn.remat``).
+  """
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mixer: str | tuple[str, ...] = "gated_attention"
+  mixer_kwargs: Any = None
+  mlp: str = "swiglu"
+  mlp_hidden_dim: int | None = None
+  mlp_kwargs: Any = None
+  tie_embeddings: bool = True
+  dtype: Any = jnp.float32
+  max_len: int = 2048
+  remat: bool = False
+
+  def __post_init__(self):
+    # Hashable fields (a static argument of jax.jit, e.g. in ``generate``): dicts -> FrozenDict, lists -> tuples.
+    for name in ("mixer", "mixer_kwargs", "mlp_kwargs"):
+      object.__setattr__(self, name, _frozen(getattr(self, name)))
+    super().__post_init__()
+
+  def layer_specs(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """Validated ``(mixer name, complete mixer kwargs)`` of every layer (ValueError on bad fields)."""
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_len"):
+      _check_positive_int(name, getattr(self, name))
+    names = _as_names(self.mixer)
+    kwargs = _as_kwargs(self.mixer_kwargs, len(names))
+    if self.mlp != "none":
+      MLPS.get(self.mlp)
+    shared = {k: getattr(self, k) for k in _SHARED_MIXER_FIELDS} | {"dtype": jnp.dtype(self.dtype)}
+    specs = []
+    for i in range(self.num_layers):
+      name, own = names[i % len(names)], kwargs[i % len(names)]
+      reserved = sorted(set(own).intersection(_RESERVED_MIXER_KWARGS))
+      if reserved:
+        raise ValueError(f"mixer_kwargs: got {reserved} for layer {i}; set them with DecoderLM's own fields")
+      declared = _declared_fields(MIXERS.get(name))
+      full = {k: v for k, v in shared.items() if k in declared and v is not None}
+      if "layer_idx" in declared:
+        full["layer_idx"] = i
+      full.update(own, d_model=self.d_model, num_heads=self.num_heads)
+      specs.append((name, full))
+    return tuple(specs)
+
+  def _mlp_kwargs(self) -> dict[str, Any]:
+    if self.mlp == "none":
+      return {}
+    hidden = 4 * self.d_model if self.mlp_hidden_dim is None else self.mlp_hidden_dim
+    _check_positive_int("mlp_hidden_dim", hidden)
+    kwargs = {"dtype": jnp.dtype(self.dtype)} if "dtype" in _declared_fields(MLPS.get(self.mlp)) else {}
+    return {**kwargs, **dict(self.mlp_kwargs or {}), "d_model": self.d_model, "hidden_dim": hidden}
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    """Logits ``(B, T, vocab_size)`` in float32 for integer ``tokens_BT``."""
+    if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+      raise ValueError(f"tokens_BT: got shape {tokens_BT.shape} dtype {tokens_BT.dtype}; allowed: an integer "
+                       "array of shape (batch, length)")
+    specs, mlp_kwargs, dtype = self.layer_specs(), self._mlp_kwargs(), jnp.dtype(self.dtype)
+    init = nn.initializers.normal(stddev=_INIT_STDDEV)
+    embed = nn.Embed(self.vocab_size, self.d_model, dtype=dtype, name="embed",
+                     embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
+    x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
+    block_cls = nn.remat(Block, static_argnums=(4,)) if self.remat else Block  # 4: decode (self is 0)
+    for i, (name, kwargs) in enumerate(specs):
+      block = block_cls(name, kwargs, self.mlp, mlp_kwargs, dtype, name=f"layer_{i}")
+      x_BTD = block(x_BTD, segment_ids, positions, decode)
+    x_BTD = RMSNorm(dtype=dtype, name="final_norm")(x_BTD).astype(jnp.float32)
+    if self.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(jnp.float32))
+    else:
+      logits_BTV = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32, name="unembed",
+                            kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x_BTD)
+    return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDict / list / nested containers -> dicts and tuples."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def lm_from_config(model_config: Any) -> DecoderLM:
+  """Builds a ``DecoderLM`` from ``config.model`` (a ConfigDict or mapping of its fields)."""
+  fields = _plain(model_config)
+  allowed = sorted(_declared_fields(DecoderLM) - {"parent", "name"})
+  unknown = sorted(set(fields) - set(allowed))
+  if unknown:
+    raise ValueError(f"config.model: got unknown fields {unknown}; allowed: {', '.join(allowed)}")
+  return DecoderLM(**fields)

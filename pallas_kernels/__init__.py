@@ -1,0 +1,21 @@
+"""pallas_kernels: every sequence-mixing primitive behind one dispatch layer.
+
+Public ops (layout ``(batch, seq, heads, head_dim)``; see each docstring):
+
+* :func:`attention` — softmax-family attention with every normalizer, GQA, causal/window/segment masks.
+* :func:`linear_attention` — gated linear attention (no decay, per-head or per-key-channel log decay).
+* :func:`delta_rule` — DeltaNet / Gated DeltaNet.
+
+Selection knobs: ``implementation=`` per call, ``with use("xla"):``, ``GATED_JAX_IMPL=xla``, and
+``with interpret():`` to run the Pallas kernels in interpret mode on any backend. This package never imports
+``gated_jax`` and imports no hardware-specific module until an implementation needs it.
+"""
+
+from pallas_kernels.attention import attention
+from pallas_kernels.dispatch import KNOWN_IMPLEMENTATIONS, current_backend, interpret, interpret_mode, use
+from pallas_kernels.linear_attention import delta_rule, linear_attention
+
+__all__ = [
+    "KNOWN_IMPLEMENTATIONS", "attention", "current_backend", "delta_rule", "interpret", "interpret_mode",
+    "linear_attention", "use",
+]

@@ -1,0 +1,134 @@
+"""Gated linear attention and the (gated) delta rule: public ops, argument checks, registry.
+
+Both ops share one state convention (DESIGN.md): layout ``(batch, seq, heads, dim)``; ``k``/``v`` may have
+fewer heads than ``q`` (GQA: they are shared by groups of query heads, the state is per query head); decays
+are natural-log values <= 0; the recurrent state is ``(batch, heads, key_dim, value_dim)`` float32.
+
+``linear_attention`` (GLA, arXiv 2312.06635 eq. 1; RetNet arXiv 2307.08621; Mamba-2 SSD):
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T,      o_t = scale * S_t^T q_t
+
+with ``g_t`` = ``log_decay``: ``None`` (no decay), per head ``(B, T, H)`` or per key channel ``(B, T, H, K)``.
+
+``delta_rule`` (DeltaNet arXiv 2406.06484; Gated DeltaNet arXiv 2412.06464 eq. 10):
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = scale * S_t^T q_t
+
+with ``beta`` ``(B, T, H)`` and ``g_t`` ``None`` or per head ``(B, T, H)``. Keys are used as given (layers
+L2-normalise them).
+
+``segment_ids`` ``(B, T)`` int marks packed sequences: the state is reset to zero where the id changes, so
+each sequence gives the same result as alone (``initial_state`` applies to the first one). Both ops return
+``o`` ``(B, T, H, V)`` in ``q.dtype``, and ``(o, final_state)`` when ``return_final_state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _checks
+from pallas_kernels.dispatch import Op
+
+DEFAULT_CHUNK_SIZE = 64
+_LAYOUT = "(batch, seq, heads, dim)"
+
+linear_attention_op = Op("linear_attention")
+delta_rule_op = Op("delta_rule")
+for _op, _fn in ((linear_attention_op, "linear_attention"), (delta_rule_op, "delta_rule")):
+  _op.register("reference", f"pallas_kernels.linear_attention.reference:{_fn}")
+  _op.register("parallel", f"pallas_kernels.linear_attention.parallel:{_fn}")
+  _op.register("xla", f"pallas_kernels.linear_attention.xla:{_fn}", auto_priority=100)
+  _op.register("pallas_tpu", f"pallas_kernels.linear_attention.tpu:{_fn}", platforms=("tpu",),
+               auto_priority=0, pallas=True)
+  _op.register("pallas_triton", f"pallas_kernels.linear_attention.gpu:{_fn}", platforms=("gpu",),
+               auto_priority=1, pallas=True)
+
+
+def linear_attention(q, k, v, *, log_decay=None, scale: float | None = None, initial_state=None,
+                     return_final_state: bool = False, segment_ids=None, chunk_size: int | None = None,
+                     implementation: str | Sequence[str] | None = None):
+  """Gated linear attention (see module docstring for the recurrence).
+
+  Args:
+    q: ``(B, T, H, K)`` queries.
+    k: ``(B, T, KV, K)`` keys, ``H % KV == 0``.
+    v: ``(B, T, KV, V)`` values.
+    log_decay: ``None``, ``(B, T, H)`` or ``(B, T, H, K)``; natural-log decay per step, <= 0.
+    scale: query scale, default ``K ** -0.5``.
+    initial_state: ``(B, H, K, V)`` state before the first token (float32), default zeros.
+    return_final_state: also return the state after the last token.
+    segment_ids: ``(B, T)`` integer ids of packed sequences (state resets where the id changes).
+    chunk_size: chunk length for the chunked implementations (default 64).
+    implementation: see :mod:`pallas_kernels.dispatch`.
+  Returns:
+    ``o`` ``(B, T, H, V)`` (dtype of ``q``), or ``(o, final_state)`` with ``final_state`` ``(B, H, K, V)``
+    float32.
+  """
+  args = _canonical_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size,
+                         decay_forms=("(B, T, H)", "(B, T, H, K)"))
+  o, state = linear_attention_op(*args[:4], implementation=implementation, return_final_state=return_final_state,
+                                 **args[4])
+  return (o, state) if return_final_state else o
+
+
+def delta_rule(q, k, v, beta, *, log_decay=None, scale: float | None = None, initial_state=None,
+               return_final_state: bool = False, segment_ids=None, chunk_size: int | None = None,
+               implementation: str | Sequence[str] | None = None):
+  """(Gated) delta rule (see module docstring). ``beta`` is ``(B, T, H)`` (the write strength, typically
+  a sigmoid in (0, 1), or (0, 2) for negative eigenvalues); the other arguments are as in
+  :func:`linear_attention`, with ``log_decay`` ``None`` or per head ``(B, T, H)``."""
+  args = _canonical_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size,
+                         decay_forms=("(B, T, H)",))
+  batch, seq, heads = q.shape[:3]
+  _checks.check_array("beta", beta, rank=3, layout="(batch, seq, heads)")
+  _checks.check_shape("beta", beta, (batch, seq, heads), "(batch, seq, heads)")
+  q, k, v, log_decay = args[:4]
+  o, state = delta_rule_op(q, k, v, beta, log_decay, implementation=implementation,
+                           return_final_state=return_final_state, **args[4])
+  return (o, state) if return_final_state else o
+
+
+def _canonical_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, *, decay_forms):
+  """Validates the shared arguments; returns ``(q, k, v, log_decay, kwargs)`` with k/v expanded to H heads."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _checks.check_array(name, x, rank=4, layout=_LAYOUT)
+  batch, seq, heads, key_dim = q.shape
+  if k.shape[:2] != (batch, seq) or k.shape[3] != key_dim:
+    raise ValueError(f"k: expected shape ({batch}, {seq}, kv_heads, {key_dim}) to match q {tuple(q.shape)}, "
+                     f"got {tuple(k.shape)}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"v: expected shape ({batch}, {seq}, {k.shape[2]}, value_dim) to match k, got "
+                     f"{tuple(v.shape)}")
+  group = _checks.check_group(heads, k.shape[2])
+  value_dim = v.shape[3]
+  if log_decay is not None:
+    allowed = {"(B, T, H)": (batch, seq, heads), "(B, T, H, K)": (batch, seq, heads, key_dim)}
+    shapes = [allowed[f] for f in decay_forms]
+    if not hasattr(log_decay, "shape") or tuple(log_decay.shape) not in shapes:
+      got = tuple(log_decay.shape) if hasattr(log_decay, "shape") else type(log_decay).__name__
+      raise ValueError(f"log_decay: got {got}; allowed: None or shape "
+                       + " or ".join(f"{f}={s}" for f, s in zip(decay_forms, shapes)))
+    _checks.check_array("log_decay", log_decay, rank=log_decay.ndim, layout="log decay")
+    if not isinstance(log_decay, jax.core.Tracer) and bool(jnp.any(log_decay > 0)):
+      raise ValueError(f"log_decay: natural-log decays must be <= 0, got max {float(jnp.max(log_decay))}")
+  if scale is None:
+    scale = key_dim ** -0.5
+  elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+  if initial_state is not None:
+    _checks.check_array("initial_state", initial_state, rank=4, layout="(batch, heads, key_dim, value_dim)")
+    _checks.check_shape("initial_state", initial_state, (batch, heads, key_dim, value_dim),
+                        "(batch, heads, key_dim, value_dim)")
+    initial_state = initial_state.astype(jnp.float32)
+  if segment_ids is not None:
+    _checks.check_array("segment_ids", segment_ids, rank=2, layout="(batch, seq)", floating=False)
+    _checks.check_shape("segment_ids", segment_ids, (batch, seq), "(batch, seq)")
+  _checks.check_positive_int("chunk_size", chunk_size)
+  if group > 1:
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  kwargs = dict(scale=float(scale), initial_state=initial_state, segment_ids=segment_ids,
+                chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+  return q, k, v, log_decay, kwargs

@@ -1,0 +1,93 @@
+"""Tests for the table machinery (experiments/tables/common.py) and an end-to-end micro reproduction."""
+
+import json
+
+import ml_collections
+import pytest
+
+from experiments import tables
+from experiments.tables import common
+
+
+def _toy_table(**kwargs):
+  fields = dict(
+      name="toy", paper="Toy paper (arXiv 0000.00000), Table 1",
+      variants={"a": {"train.steps": 1}, "b": {"train.steps": 2}},
+      scales={"micro": {}, "tiny": {"model.width": 8}},
+      metrics=(common.Metric("loss", "val loss"), common.Metric("gate_mean", "gate")),
+      paper_columns=("PPL",), paper_numbers={"a": {"PPL": 6.0}},
+      claims=(common.Claim("x", "b beats a", ("a", "b"), lambda m: m["b"]["loss"] < m["a"]["loss"]),
+              common.Claim("y", "c beats a", ("a", "c"), lambda m: True)),
+      base_config=lambda: ml_collections.ConfigDict({"seed": 3, "model": {"width": 4}, "train": {"steps": 0}}))
+  return common.Table(**{**fields, **kwargs})
+
+
+def _runs():
+  return [{"variant": "a", "seed": s, "metrics": {"loss": 2.0 + s}, "history": [{"step": 0, "loss": 3.0}]}
+          for s in range(2)] + [{"variant": "b", "seed": 0, "metrics": {"loss": 1.0, "gate_mean": 0.25},
+                                 "history": [{"step": 0, "loss": 2.5}, {"step": 1, "loss": 2.0}]}]
+
+
+def test_config_layers_scale_variant_seed():
+  config = _toy_table().config("tiny", "b", seed=2)
+  assert (config.model.width, config.train.steps, config.seed) == (8, 2, 5)
+
+
+@pytest.mark.parametrize("overrides, match", [({"nope.x": 1}, "nope"), ({"model.depth": 1}, "depth")])
+def test_unknown_override_raises(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    common.apply_overrides(ml_collections.ConfigDict({"model": {"width": 4}}), overrides)
+
+
+def test_unknown_scale_variant_table_raise():
+  with pytest.raises(ValueError, match="small"):
+    _toy_table().config("small", "a")
+  with pytest.raises(ValueError, match="'z'"):
+    _toy_table().config("tiny", "z")
+  with pytest.raises(ValueError, match="gated_attention"):
+    tables.get("no_such_table")
+
+
+def test_aggregate_and_judge():
+  stats = common.aggregate(_runs(), ["loss", "gate_mean"])
+  assert stats["a"]["loss"] == pytest.approx((2.5, 0.5))
+  assert "gate_mean" not in stats["a"] and stats["b"]["gate_mean"] == pytest.approx((0.25, 0.0))
+  verdicts = common.judge(_toy_table(), stats)
+  assert verdicts["x"] == "held"
+  assert verdicts["y"].startswith("not judged") and "c" in verdicts["y"]
+  flipped = common.judge(_toy_table(claims=(common.Claim("x", "a beats b", ("a", "b"),
+                                                         lambda m: m["a"]["loss"] < m["b"]["loss"]),)), stats)
+  assert flipped["x"] == "did not hold"
+
+
+def test_write_results(tmp_path):
+  text = common.write_results(_toy_table(), "micro", 2, _runs(), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "runs.jsonl", "table.csv", "table.md"]
+  assert "| a | 2.500 ± 0.500 | – | 6 |" in text and "**held**" in text
+  assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+  assert "claim:x,held" in (tmp_path / "table.csv").read_text()
+
+
+def test_gated_attention_table_declares_the_grid():
+  table = tables.get("gated_attention")
+  assert len(table.variants) == 9 and set(common.SCALES) <= set(table.scales)
+  positions = {v: table.config("tiny", v).model.mixer_kwargs.gate_position for v in table.variants}
+  assert positions["baseline"] == "none" and positions["G5"] == "G5"
+  for claim in table.claims:
+    assert set(claim.variants) <= set(table.variants)
+
+
+def test_reproduce_micro_end_to_end(tmp_path):
+  table = tables.get("gated_attention")
+  lines = []
+  text = common.reproduce(table, scale="micro", out=tmp_path, log=lines.append)
+  out = tmp_path / "gated_attention"
+  for name in ("table.md", "table.csv", "runs.jsonl", "plot.png"):
+    assert (out / name).stat().st_size > 0, name
+  runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+  assert [r["variant"] for r in runs] == list(table.micro_variants)
+  for run in runs:
+    assert run["config"]["train"]["steps"] == 5 and run["history"]
+    assert run["metrics"]["loss"] > 0 and run["metrics"]["num_params"] > 0
+  assert "gated_attention (micro scale" in text and lines[-1] == text
+  assert "G1" in text and "5.761" in text

@@ -1,0 +1,76 @@
+"""``delta_rule`` implementations ``xla`` (chunked WY/UT) and ``parallel`` (one WY/UT transform over the
+sequence) against the ``reference`` scan: outputs, final state and gradients of q, k, v, beta, log_decay and
+initial_state, float32 and bfloat16, no decay and per-head decay (strong and near-zero), betas in (0, 2),
+lengths that are not a multiple of the chunk, GQA and packed segments."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--import-mode=importlib)
+import _linear_helpers as helpers  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+
+IMPLS = ("xla", "parallel")
+TIGHT = dict(rtol=1e-4, atol=1e-5)
+BF16 = dict(rms=5e-3, gate_rms=2e-2)
+
+CASES = [
+    # decay, dtype, seq, chunk, kv_heads, segments
+    ("head", jnp.float32, 45, 16, 1, True),
+    ("head", jnp.float32, 40, 32, 2, False),
+    ("none", jnp.float32, 70, 64, 2, True),
+    ("head", jnp.bfloat16, 37, 16, 2, True),
+]
+
+
+@pytest.mark.parametrize("decay,dtype,seq,chunk,kv_heads,segments", CASES)
+def test_matches_reference(decay, dtype, seq, chunk, kv_heads, segments):
+  args = helpers.inputs(seq, batch=2, seq=seq, heads=2, kv_heads=kv_heads, dtype=dtype, decay=decay, delta=True)
+  positions = jnp.arange(seq)[None]
+  segment_ids = jnp.concatenate([(positions >= 7) + (positions >= 26), positions >= seq // 2]).astype(jnp.int32)
+  kwargs = dict(segment_ids=segment_ids if segments else None, chunk_size=chunk)
+  want = helpers.outputs_and_grads("reference", args, **kwargs)
+  tolerance = TIGHT if dtype == jnp.float32 else BF16
+  for implementation in IMPLS:
+    helpers.assert_matches(helpers.outputs_and_grads(implementation, args, **kwargs), want, **tolerance)
+
+
+def test_packed_segments_equal_separate_runs():
+  lengths = (9, 20, 6)
+  args = helpers.inputs(1, seq=sum(lengths), decay="head", delta=True)
+  segment_ids = jnp.repeat(jnp.array([0, 1, 0]), jnp.array(lengths), total_repeat_length=sum(lengths))[None]
+  q, k, v, beta = (args.pop(n) for n in ("q", "k", "v", "beta"))
+  state = args.pop("initial_state")
+  run = jax.jit(functools.partial(pallas_kernels.delta_rule, return_final_state=True, chunk_size=16,
+                                  implementation="xla"))
+  packed, final = run(q, k, v, beta, log_decay=args["log_decay"], initial_state=state, segment_ids=segment_ids)
+  start = 0
+  for i, length in enumerate(lengths):
+    part = lambda x: x[:, start:start + length]
+    alone, alone_final = run(part(q), part(k), part(v), part(beta), log_decay=part(args["log_decay"]),
+                             initial_state=state if i == 0 else None)
+    np.testing.assert_allclose(packed[:, start:start + length], alone, rtol=1e-5, atol=1e-5)
+    start += length
+  np.testing.assert_allclose(final, alone_final, rtol=1e-5, atol=1e-5)
+
+
+@hypothesis.settings(max_examples=2, deadline=None, derandomize=True)
+@hypothesis.given(seq=st.integers(1, 40), chunk=st.sampled_from((16, 32, 64)),
+                  decay=st.sampled_from(("none", "head")), kv_heads=st.sampled_from((1, 3)),
+                  value_dim=st.sampled_from((3, 8)))
+def test_shape_sweep(seq, chunk, decay, kv_heads, value_dim):
+  args = helpers.inputs(seq, seq=seq, heads=3, kv_heads=kv_heads, value_dim=value_dim, decay=decay, delta=True)
+  want = helpers.outputs_and_grads("reference", args, chunk_size=chunk)
+  assert want["o"].shape == (1, seq, 3, value_dim)
+  helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=chunk), want, **TIGHT)

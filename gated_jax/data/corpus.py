@@ -86,3 +86,37 @@ def make_stdlib_bytes(data_config: Any, split: str) -> grain.MapDataset:
   if num_windows < 1:
     raise ValueError(f"data.seq_len: got {seq_len}; the {split} corpus has only {len(data)} bytes")
   return grain.MapDataset.range(num_windows).map(functools.partial(_window, data, seq_len))
+
+
+def _document_pieces(data: np.ndarray, piece_len: int) -> np.ndarray:
+  """``(N, 2)`` start/end offsets of the documents of ``data`` (split at ``SEPARATOR``, separator kept at the
+  end), each cut into pieces of at most ``piece_len`` bytes; pieces shorter than 2 bytes are dropped."""
+  ends = np.flatnonzero(data == SEPARATOR) + 1
+  starts = np.concatenate([[0], ends[:-1]])
+  spans = []
+  for start, end in zip(starts, ends):
+    cuts = np.arange(start, end, piece_len)
+    spans.extend((c, min(c + piece_len, end)) for c in cuts)
+  spans = np.asarray(spans, np.int64).reshape(-1, 2)
+  return spans[spans[:, 1] - spans[:, 0] >= 2]
+
+
+def _piece(data: np.ndarray, spans: np.ndarray, index: int) -> dict[str, np.ndarray]:
+  w = data[spans[index, 0]:spans[index, 1]].astype(np.int32)
+  return {"inputs": w[:-1], "targets": w[1:], "weights": np.ones((len(w) - 1,), np.float32)}
+
+
+@SOURCES.register("stdlib_documents")
+def make_stdlib_documents(data_config: Any, split: str) -> grain.MapDataset:
+  """The ``stdlib_bytes`` corpus as variable-length documents (one per source file, cut into pieces of at most
+  ``seq_len + 1`` bytes), for sequence packing (``data.packing=True``): each example is one piece with
+  ``inputs``, ``targets`` and ``weights`` of its own length."""
+  seq_len = data_config["seq_len"]
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+    raise ValueError(f"data.seq_len: got {seq_len!r}; allowed: a positive int")
+  budget = data_config.get("corpus_bytes", DEFAULT_CORPUS_BYTES)
+  if canonical_split(split) != TRAIN:
+    budget = max(budget // 10, seq_len + 1)
+  data = corpus_bytes(canonical_split(split), budget)
+  spans = _document_pieces(data, seq_len + 1)
+  return grain.MapDataset.range(len(spans)).map(functools.partial(_piece, data, spans))

@@ -1,0 +1,13 @@
+"""Training: ``train(config, workdir)`` and its parts (DESIGN.md, "Training").
+
+``loop.py`` the loop; ``step.py`` the jitted steps; ``sharding.py`` the mesh and logical-axis rules;
+``checkpoint.py`` orbax checkpoints; ``optim.py`` the optax optimiser; ``flops.py`` MFU; ``writers.py``
+JSONL/TensorBoard; ``distributed.py`` multi-host start-up; ``metrics.py`` attention-sink/activation
+diagnostics.
+"""
+
+from gated_jax.train.checkpoint import CheckpointError, Checkpointer
+from gated_jax.train.loop import TrainResult, evaluate, train
+from gated_jax.train.sharding import AXES, RULES, make_mesh
+
+__all__ = ["AXES", "CheckpointError", "Checkpointer", "RULES", "TrainResult", "evaluate", "make_mesh", "train"]

@@ -1,0 +1,284 @@
+"""``train(config, workdir)``: the training loop of every gated_jax experiment (DESIGN.md, "Training").
+
+One function runs on one CPU, one GPU or a TPU pod slice unchanged:
+
+* ``train.mode="jit"`` (default): a ``(data, fsdp, tensor, expert)`` mesh from ``config.mesh``; parameters
+  and optimizer state are created already sharded (``jax.jit(init, out_shardings=...)`` with the logical
+  rules of ``sharding.RULES``); the step is jitted with explicit in/out shardings under ``jax.set_mesh``.
+  ``train.mode="pmap"``: classic data parallelism over this host's devices (state replicated, gradients
+  ``psum``-ed).
+* Data: ``gated_jax.data.pipeline`` (grain); each process reads its own shard; global batches are assembled
+  with ``jax.make_array_from_process_local_data``.
+* Checkpoints (``workdir/checkpoints``, ``checkpoint.Checkpointer``): params, optimizer state, step, RNG and
+  the grain iterator every ``train.checkpoint_every`` steps and at the end; a run restarted with the same
+  command resumes from the latest one, with the same losses and data order as an uninterrupted run.
+* A NaN/Inf loss or gradient stops the run with a ``FloatingPointError`` before anything non-finite is
+  saved; the last good checkpoint stays.
+* Metrics: ``workdir/metrics.jsonl`` and TensorBoard (process 0), a tqdm bar with loss, tokens/s and MFU
+  (``flops.py``), a final summary line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from gated_jax.data import pipeline
+from gated_jax.train import checkpoint, distributed, flops, metrics, sharding, step, writers
+from gated_jax.train.optim import learning_rate_schedule, make_optimizer
+
+MODES = ("jit", "pmap")
+_NOT_IN_META = ("num_workers",)  # data fields that may change across a resume
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run produced.
+
+  Attributes:
+    history: logged training entries ``{"step", "loss", "accuracy", "grad_norm", "lr", ...}`` of this call.
+    eval: final validation ``loss`` and ``accuracy`` (weighted by the batch weights), plus the diagnostics of
+      ``gated_jax.train.metrics`` when ``train.diagnostics``.
+    num_params: parameter count.
+    params: final parameters (host-local view: jit mode global arrays, pmap mode one replica).
+    step: the step reached.
+    resumed_from: the checkpoint step this call resumed from (None: a fresh start).
+  """
+  history: list[dict[str, float]]
+  eval: dict[str, float]
+  num_params: int
+  params: Any
+  step: int
+  resumed_from: int | None
+
+
+def _positive_int(config: Any, path: str) -> int:
+  group, field = path.split(".")
+  value = config[group][field]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{path}: got {value!r}; allowed: a positive int")
+  return value
+
+
+def _host(tree: Any) -> Any:
+  """Host numpy copies of (replicated, possibly multi-process) arrays."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+                      tree)
+
+
+def _run_meta(config: Any) -> dict[str, Any]:
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_META}
+  return {"model": config.model.to_dict(), "data": data, "seed": config.seed,
+          "process_count": jax.process_count()}
+
+
+class _Runner:
+  """The compiled pieces of one run in ``jit`` or ``pmap`` mode (placement, steps, checkpoint views)."""
+
+  def __init__(self, config: Any, fns: step.StepFns, example: jax.ShapeDtypeStruct):
+    self.mode = config.train.mode
+    rng = jax.random.PRNGKey(config.seed)
+    boxed_init = step.boxed_state_fn(fns.model, fns.tx, example)
+    abstract = jax.eval_shape(boxed_init, rng)
+    if self.mode == "jit":
+      self.mesh = sharding.make_mesh(config.mesh)
+      self.shardings = sharding.logical_shardings(abstract, self.mesh)
+      batch_sh = sharding.batch_sharding(self.mesh)
+      with jax.set_mesh(self.mesh):
+        self.state = jax.jit(step.unboxed(boxed_init), out_shardings=self.shardings)(rng)
+      self._train = jax.jit(fns.train_step, in_shardings=(self.shardings, batch_sh), donate_argnums=0)
+      self._eval = jax.jit(fns.eval_step, in_shardings=(self.shardings["params"], batch_sh))
+      self._intermediates = jax.jit(fns.intermediates, in_shardings=(self.shardings["params"], batch_sh))
+      self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   step.unboxed(lambda: abstract)(), self.shardings)
+    else:
+      self.mesh = None
+      self.devices = jax.local_devices()
+      single = jax.jit(step.unboxed(boxed_init))(rng)
+      self.state = self._replicate(single)
+      pfns = dataclasses.replace(fns, pmap=True)
+      self._train = jax.pmap(pfns.train_step, axis_name=step.PMAP_AXIS, donate_argnums=0)
+      self._eval = jax.pmap(pfns.eval_step, axis_name=step.PMAP_AXIS)
+      self._intermediates = jax.jit(fns.intermediates)
+      self.abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), single)
+
+  def _replicate(self, tree: Any) -> Any:
+    n = len(self.devices)
+    return jax.pmap(lambda x: x, devices=self.devices)(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
+                                                                    tree))
+
+  def put(self, local_batch: Mapping[str, np.ndarray]) -> Any:
+    if self.mode == "jit":
+      return sharding.global_batch(local_batch, self.mesh)
+    n = len(self.devices)
+    rows = next(iter(local_batch.values())).shape[0]
+    if rows % n:
+      raise ValueError(f"data.batch_size: the local batch of {rows} rows does not split over {n} devices (pmap)")
+    return {k: v.reshape(n, rows // n, *v.shape[1:]) for k, v in local_batch.items()}
+
+  def train_step(self, batch: Any) -> dict[str, float]:
+    with jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext():
+      self.state, m = self._train(self.state, batch)
+    m = _host(m)
+    return {k: float(v.reshape(-1)[0]) for k, v in m.items()}
+
+  def eval_sums(self, batch: Any) -> dict[str, float]:
+    with jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext():
+      sums = _host(self._eval(self.params(), batch))
+    return {k: float(v.reshape(-1)[0]) for k, v in sums.items()}
+
+  def intermediates(self, local_batch: Mapping[str, np.ndarray]) -> Any:
+    if self.mode == "jit":
+      with jax.set_mesh(self.mesh):
+        return _host(self._intermediates(self.params(), sharding.global_batch(local_batch, self.mesh)))
+    return _host(self._intermediates(self.params(), dict(local_batch)))
+
+  def params(self) -> Any:
+    return self.state["params"]
+
+  def checkpoint_view(self) -> Any:
+    """The state as saved: global arrays (jit) or one replica (pmap)."""
+    if self.mode == "jit":
+      return self.state
+    return jax.tree.map(lambda x: x[0], self.state)
+
+  def load(self, saved: Any) -> None:
+    self.state = saved if self.mode == "jit" else self._replicate(saved)
+
+  def final_params(self) -> Any:
+    return self.checkpoint_view()["params"]
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _validate(config: Any) -> None:
+  for path in ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+               "train.checkpoint_every", "train.grad_accum", "train.max_to_keep"):
+    _positive_int(config, path)
+  if config.train.mode not in MODES:
+    raise ValueError(f"train.mode: got {config.train.mode!r}; allowed: {', '.join(MODES)}")
+  local_rows = config.data.batch_size // max(jax.process_count(), 1)
+  if local_rows % config.train.grad_accum:
+    raise ValueError(f"train.grad_accum: got {config.train.grad_accum}; allowed: a divisor of the per-process "
+                     f"batch of {local_rows} rows")
+
+
+def evaluate(runner: _Runner, batches: list[dict[str, np.ndarray]], diagnostics: bool) -> dict[str, float]:
+  """Validation loss and accuracy over ``batches`` (weighted), plus the sown diagnostics if asked."""
+  totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+  for batch in batches:
+    for k, v in runner.eval_sums(runner.put(batch)).items():
+      totals[k] += v
+  weight = max(totals["weight_sum"], 1.0)
+  result = {"loss": totals["loss_sum"] / weight, "accuracy": totals["correct_sum"] / weight}
+  if diagnostics:
+    result.update(metrics.summarize_intermediates(runner.intermediates(batches[0])))
+  return result
+
+
+def train(config: Any, workdir: str | pathlib.Path | None = None) -> TrainResult:
+  """Trains ``config`` (``experiments/configs/lm.py``'s fields), resuming from ``workdir`` if it holds a checkpoint.
+
+  Args:
+    config: ConfigDict with groups ``model``, ``data``, ``optim``, ``train``, ``mesh``, ``distributed`` and
+      ``seed``.
+    workdir: directory for checkpoints and metrics (default ``config.workdir``; empty: no checkpoints or
+      metric files).
+
+  Raises:
+    ValueError: a bad config field (named in the message).
+    checkpoint.CheckpointError: the workdir holds a checkpoint this config cannot resume.
+    FloatingPointError: the loss or gradient became NaN/Inf (the last good checkpoint is kept).
+  """
+  distributed.initialize(config.get("distributed"))
+  _validate(config)
+  workdir = workdir or config.get("workdir") or None
+  workdir = pathlib.Path(workdir) if workdir else None
+  steps, is_chief = config.train.steps, jax.process_index() == 0
+  model = step.make_model(config)
+  tx = make_optimizer(config.optim, steps)
+  fns = step.StepFns(model, tx, learning_rate_schedule(config.optim, steps), config.train.grad_accum)
+  local = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  iterator = pipeline.train_iterator(config.data, seed=config.seed, **local)
+  eval_data = pipeline.eval_batches(config.data, num_batches=config.train.eval_batches, **local)
+  example = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+  runner = _Runner(config, fns, example)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(runner.abstract["params"]))
+
+  ckpt = resumed = None
+  start = 0
+  meta = _run_meta(config)
+  if workdir is not None:
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
+                                   async_save=config.train.get("async_checkpointing", True))
+    resumed = ckpt.latest_step()
+    if resumed is not None:
+      runner.load(ckpt.restore(resumed, runner.abstract, iterator, meta))
+      start = resumed
+  writer = writers.MetricWriter(workdir or ".", enabled=is_chief and workdir is not None,
+                                tensorboard=config.train.get("tensorboard", True))
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_token = flops.model_flops_per_token(runner.abstract["params"], config.model, config.data.seq_len)
+  peak = flops.peak_flops_per_device(jax.devices()[0], config.train.get("peak_flops"))
+  history: list[dict[str, float]] = []
+  bar = tqdm.tqdm(total=steps, initial=start, disable=not (is_chief and config.train.get("progress", True)),
+                  desc="train", dynamic_ncols=True)
+  t_last, steps_since = time.perf_counter(), 0
+  try:
+    for i in range(start, steps):
+      local_batch = next(iterator)
+      m = runner.train_step(runner.put(local_batch))
+      if not m.pop("finite"):
+        last = ckpt.latest_step() if ckpt is not None else None
+        raise FloatingPointError(f"non-finite loss or gradient at step {i + 1} (loss {m['loss']}, grad_norm "
+                                 f"{m['grad_norm']}); stopped before saving it. Last good checkpoint: "
+                                 f"{'step ' + str(last) if last is not None else 'none'}"
+                                 f"{' in ' + str(ckpt.directory) if last is not None else ''}")
+      done, steps_since = i + 1, steps_since + 1
+      m["tokens_checksum"] = float(np.sum(local_batch["inputs"].astype(np.int64) * (1 + np.arange(
+          local_batch["inputs"].shape[1]))) % 1_000_003)
+      if done % config.train.log_every == 0 or done == steps:
+        now = time.perf_counter()
+        m["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+        if peak:
+          m["mfu"] = flops_per_token * m["tokens_per_s"] / (peak * jax.device_count())
+        t_last, steps_since = now, 0
+        history.append({"step": done, **m})
+        writer.write(done, m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.3g}",
+                        mfu=f"{m['mfu']:.1%}" if "mfu" in m else "n/a", refresh=False)
+      if done % config.train.eval_every == 0 and done != steps:
+        writer.write(done, {f"eval_{k}": v for k, v in evaluate(runner, eval_data, False).items()})
+      if ckpt is not None and (done % config.train.checkpoint_every == 0 or done == steps):
+        ckpt.save(done, runner.checkpoint_view(), iterator, meta)
+      bar.update(1)
+    final = evaluate(runner, eval_data, config.train.get("diagnostics", False))
+    writer.write(max(steps, start), {f"eval_{k}": v for k, v in final.items()})
+  finally:
+    bar.close()
+    writer.close()
+    if ckpt is not None:
+      ckpt.close()
+  if is_chief:
+    log.info("finished step %d: val loss %.4f, accuracy %.4f, %d params", max(steps, start), final["loss"],
+             final["accuracy"], num_params)
+  return TrainResult(history=history, eval=final, num_params=num_params, params=runner.final_params(),
+                     step=max(steps, start), resumed_from=resumed)

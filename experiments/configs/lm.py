@@ -26,6 +26,7 @@ command line (``--config.train.steps=1000``). Groups:
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 SIZES = {
     #         d_model layers heads mlp  seq  batch steps  lr     warmup dtype
@@ -44,20 +45,22 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   config.seed = 0
   config.workdir = ""
   config.model = ml_collections.ConfigDict(dict(
-      vocab_size=256, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=None, head_dim=None,
+      vocab_size=256, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=placeholder(int),
+      head_dim=placeholder(int),
       mixer="gated_attention", mixer_kwargs={}, mlp="swiglu", mlp_hidden_dim=mlp, mlp_kwargs={},
       tie_embeddings=True, max_len=seq, remat=False))
   config.data = ml_collections.ConfigDict(dict(
       name="stdlib_bytes", seq_len=seq, batch_size=batch, packing=False, num_workers=0,
       corpus_bytes=4_000_000))
   config.optim = ml_collections.ConfigDict(dict(
-      lr=lr, warmup_steps=warmup, schedule="warmup_cosine", min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.1, clip_norm=1.0))
+      lr=lr, warmup_steps=warmup, schedule_steps=placeholder(int), schedule="warmup_cosine", min_lr_ratio=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
   config.train = ml_collections.ConfigDict(dict(
       steps=steps, log_every=max(1, steps // 50), eval_every=steps, eval_batches=8,
       checkpoint_every=max(1, steps // 4), max_to_keep=2, async_checkpointing=True, grad_accum=1,
       compute_dtype=dtype, mode="jit", diagnostics=True, tensorboard=True, progress=True, peak_flops=0.0))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   config.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address=None, num_processes=None, process_id=None))
+      enabled=False, coordinator_address=placeholder(str), num_processes=placeholder(int),
+      process_id=placeholder(int)))
   return config

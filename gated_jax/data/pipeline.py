@@ -1,9 +1,10 @@
 """grain pipelines from a ``SOURCES`` entry to per-process batches (DESIGN.md, "Training" / "Data").
 
-Train: the source's ``train`` split, sliced to this process's share (``[process_index::process_count]``),
-shuffled by ``seed`` (a fresh permutation every epoch), repeated forever, optionally packed, batched to the
-*local* batch ``data.batch_size // process_count`` and optionally prefetched by ``data.num_workers`` worker
-processes. The iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()`` (and orbax's
+Train: the source's ``train`` split shuffled by ``seed`` (a fresh permutation every epoch) and repeated
+forever defines a sequence of *global* batches of ``data.batch_size`` examples; process ``p`` of ``n`` reads
+only rows ``[p * b, (p + 1) * b)`` of each (``b = data.batch_size // n``), so the data order does not depend
+on the number of processes. Then optional packing, batching to ``b`` rows and ``data.num_workers`` worker
+processes. (Packed pipelines pack each process's rows separately, so their order does depend on ``n``.) The iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()`` (and orbax's
 ``grain.checkpoint.CheckpointSave``) resume it at exactly the next batch.
 
 Packing (``data.packing=True``, for variable-length sources such as ``stdlib_documents``): examples are
@@ -17,6 +18,7 @@ plus ``segment_ids``/``positions`` int32 ``(b, T)`` when packed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grain
@@ -58,6 +60,21 @@ def _packed(ds: grain.IterDataset, seq_len: int, local_batch: int, seed: int) ->
   return packed.map(_unpacked_names)
 
 
+def _row(ds: grain.MapDataset, global_batch: int, local_batch: int, offset: int, index: int) -> Any:
+  """Element ``index`` of this process's rows: row ``index % local_batch`` of its block of global batch
+  ``index // local_batch``."""
+  return ds[(index // local_batch) * global_batch + offset + index % local_batch]
+
+
+def _process_rows(ds: grain.MapDataset, data_config: Any, process_index: int, process_count: int
+                  ) -> grain.MapDataset:
+  """This process's rows of the global batches of ``ds`` (lazy: only these examples are ever read)."""
+  local = local_batch_size(data_config, process_count)
+  length = len(ds) // data_config["batch_size"] * local
+  index = functools.partial(_row, ds, data_config["batch_size"], local, process_index * local)
+  return grain.MapDataset.range(length).map(index)
+
+
 def _batched(ds: grain.MapDataset, data_config: Any, local_batch: int, seed: int) -> grain.IterDataset:
   it = ds.to_iter_dataset()
   if _get(data_config, "packing", False):
@@ -72,11 +89,12 @@ def train_dataset(data_config: Any, *, seed: int, process_index: int = 0, proces
   """The endless, shuffled, per-process training batches of ``data_config``."""
   local_batch = local_batch_size(data_config, process_count)
   source = SOURCES.get(data_config["name"])(data_config, TRAIN)
-  if len(source) < process_count:
-    raise ValueError(f"data.name: {data_config['name']!r} has {len(source)} training examples, fewer than the "
-                     f"{process_count} processes")
-  shard = source[process_index::process_count].seed(seed).shuffle().repeat(None)
-  ds = _batched(shard, data_config, local_batch, seed)
+  if len(source) < data_config["batch_size"]:
+    raise ValueError(f"data.batch_size: got {data_config['batch_size']}; {data_config['name']!r} has only "
+                     f"{len(source)} training examples")
+  shuffled = source.seed(seed).shuffle().repeat(None)
+  ds = _batched(_process_rows(shuffled, data_config, process_index, process_count), data_config, local_batch,
+                seed)
   workers = int(_get(data_config, "num_workers", 0))
   if workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -97,7 +115,8 @@ def eval_batches(data_config: Any, *, num_batches: int, process_index: int = 0, 
   """
   local_batch = local_batch_size(data_config, process_count)
   source = SOURCES.get(data_config["name"])(data_config, VALIDATION)
-  ds = _batched(source[process_index::process_count], data_config, local_batch, seed=0)
+  ds = _batched(_process_rows(source, data_config, process_index, process_count), data_config, local_batch,
+                seed=0)
   batches = []
   for batch in ds:
     batches.append(batch)

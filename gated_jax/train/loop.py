@@ -214,8 +214,9 @@ def train(config: Any, workdir: str | pathlib.Path | None = None) -> TrainResult
   workdir = pathlib.Path(workdir) if workdir else None
   steps, is_chief = config.train.steps, jax.process_index() == 0
   model = step.make_model(config)
-  tx = make_optimizer(config.optim, steps)
-  fns = step.StepFns(model, tx, learning_rate_schedule(config.optim, steps), config.train.grad_accum)
+  schedule_steps = config.optim.get("schedule_steps") or steps
+  tx = make_optimizer(config.optim, schedule_steps)
+  fns = step.StepFns(model, tx, learning_rate_schedule(config.optim, schedule_steps), config.train.grad_accum)
   local = dict(process_index=jax.process_index(), process_count=jax.process_count())
   iterator = pipeline.train_iterator(config.data, seed=config.seed, **local)
   eval_data = pipeline.eval_batches(config.data, num_batches=config.train.eval_batches, **local)

@@ -1,6 +1,8 @@
 """The optimiser of ``config.optim``: optax AdamW on a warmup + decay schedule, with global-norm clipping.
 
-Fields (``experiments/configs/lm.py``): ``lr`` (peak), ``warmup_steps`` (linear from 0), ``schedule``
+Fields (``experiments/configs/lm.py``): ``lr`` (peak), ``warmup_steps`` (linear from 0), ``schedule_steps``
+(length of the schedule; default ``train.steps``: set it to stop a run early, or extend one, without changing
+the learning rate of the steps already taken), ``schedule``
 (``warmup_cosine``: cosine to ``min_lr_ratio * lr``; ``warmup_linear``: linear to it; ``constant``: flat
 after warmup), ``b1``, ``b2``, ``eps``, ``weight_decay`` (decoupled, Loshchilov & Hutter; applied only to
 matrices, i.e. parameters with ``ndim >= 2``, not to norm scales, biases or gate scalars), ``clip_norm``
@@ -30,7 +32,8 @@ def learning_rate_schedule(optim_config: Any, total_steps: int) -> optax.Schedul
   if not lr > 0:
     raise ValueError(f"optim.lr: got {lr!r}; allowed: a positive float")
   if warmup < 0 or warmup > total_steps:
-    raise ValueError(f"optim.warmup_steps: got {warmup}; allowed: 0 to train.steps={total_steps}")
+    raise ValueError(f"optim.warmup_steps: got {warmup}; allowed: 0 to the schedule length {total_steps} "
+                     "(optim.schedule_steps or train.steps)")
   if kind not in SCHEDULES:
     raise ValueError(f"optim.schedule: got {kind!r}; allowed: {', '.join(SCHEDULES)}")
   if kind == "warmup_cosine":

@@ -112,7 +112,7 @@ class StepFns:
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     loss = loss / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
                "lr": self.schedule(state["step"]), "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--impo
 import _linear_helpers as helpers  # noqa: E402
 
 import pallas_kernels  # noqa: E402
+from pallas_kernels.linear_attention import _chunk_math  # noqa: E402
 
 IMPLS = ("xla", "parallel")
 TIGHT = dict(rtol=1e-4, atol=1e-5)
@@ -74,3 +75,11 @@ def test_shape_sweep(seq, chunk, decay, kv_heads, value_dim):
   want = helpers.outputs_and_grads("reference", args, chunk_size=chunk)
   assert want["o"].shape == (1, seq, 3, value_dim)
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=chunk), want, **TIGHT)
+
+
+@pytest.mark.parametrize("size", (1, 5, 70))
+def test_unit_lower_inverse_matches_dense_inverse(size):
+  a = jnp.tril(jax.random.normal(jax.random.PRNGKey(size), (2, size, size)), -1) * 0.5
+  got = jax.jit(_chunk_math.unit_lower_inverse)(a)
+  want = np.linalg.inv(np.eye(size) + np.asarray(a, np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(want)))))

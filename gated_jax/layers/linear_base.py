@@ -34,6 +34,14 @@ def check_positive_float(name: str, value: Any) -> None:
     raise ValueError(f"{name}: got {value!r}; allowed: a positive number")
 
 
+def check_implementation(value: Any) -> None:
+  """``None`` (auto), a name from ``pallas_kernels.KNOWN_IMPLEMENTATIONS`` or a non-empty sequence of them."""
+  names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (tuple, list)) else None
+  if value is not None and (not names or any(n not in pallas_kernels.KNOWN_IMPLEMENTATIONS for n in names)):
+    raise ValueError(f"implementation: got {value!r}; allowed: None, a name or a non-empty sequence of names "
+                     f"from {pallas_kernels.KNOWN_IMPLEMENTATIONS}")
+
+
 def cache_mode(module: nn.Module, decode: bool) -> str:
   """"off" (no cache), "init" (decode call that creates the cache) or "step" (decode call continuing it).
 
@@ -82,6 +90,7 @@ class LinearMixer(nn.Module):
     conv_activation: SiLU after the short conv.
     output_gate: "swish" / "sigmoid": per-head RMSNorm(o) * act(g_proj(x)); "none": RMSNorm(o).
     norm_eps: epsilon of the output RMSNorm.
+    implementation: passed to every ``pallas_kernels`` op call (None: auto; e.g. "reference", "xla").
     dtype: compute dtype (parameters are float32; states and gates are float32).
   """
   d_model: int
@@ -95,6 +104,7 @@ class LinearMixer(nn.Module):
   conv_activation: bool = True
   output_gate: str = "none"
   norm_eps: float = 1e-6
+  implementation: Any = None
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -109,6 +119,7 @@ class LinearMixer(nn.Module):
                          f"multiple of num_heads={self.num_heads}")
     get_feature_map(self.feature_map)
     _checks.check_choice("output_gate", self.output_gate, OUTPUT_GATES)
+    check_implementation(self.implementation)
     super().__post_init__()
 
   @property
@@ -173,7 +184,7 @@ class LinearMixer(nn.Module):
     op = pallas_kernels.linear_attention if beta is None else functools.partial(pallas_kernels.delta_rule,
                                                                                  beta=beta)
     fn = lambda s: op(q, k, v, log_decay=log_decay, scale=scale, initial_state=s, return_final_state=True,
-                      segment_ids=segment_ids)
+                      segment_ids=segment_ids, implementation=self.implementation)
     return with_state(self, name, fn, (q.shape[0], q.shape[2], q.shape[3], v.shape[3]), mode)
 
   def output_norm(self, o_BTHV: jax.Array, x_BTD: jax.Array, gate: str | None = None) -> jax.Array:
@@ -214,13 +225,17 @@ class LinearMixer(nn.Module):
     return self.out_proj(self.output_norm(o_BTHV, x))
 
 
-def both_directions(q, k, v, log_decay_fwd, log_decay_bwd, segment_ids, scale=None):
+def both_directions(q, k, v, log_decay_fwd, log_decay_bwd, segment_ids, scale=None, implementation=None):
   """Causal ``linear_attention`` left-to-right and right-to-left (each including the diagonal token).
 
-  Returns ``(o_fwd, o_bwd)`` aligned with the input positions; ``o_bwd[t]`` sums over keys ``j >= t``.
+  Returns ``(o_fwd, o_bwd)`` aligned with the input positions: ``o_fwd[t] = scale * sum_{j<=t} q_t^T
+  (prod_{j<r<=t} alpha_fwd[r]) k_j v_j^T`` and ``o_bwd[t] = scale * sum_{j>=t} q_t^T (prod_{t<=r<j}
+  alpha_bwd[r]) k_j v_j^T`` (``alpha = exp(log_decay)``; the backward pass applies token ``r``'s gate when it
+  moves from ``r + 1`` to ``r``).
   """
-  o_fwd = pallas_kernels.linear_attention(q, k, v, log_decay=log_decay_fwd, scale=scale, segment_ids=segment_ids)
+  o_fwd = pallas_kernels.linear_attention(q, k, v, log_decay=log_decay_fwd, scale=scale, segment_ids=segment_ids,
+                                          implementation=implementation)
   o_bwd = pallas_kernels.linear_attention(flip_time(q), flip_time(k), flip_time(v),
                                           log_decay=flip_time(log_decay_bwd), scale=scale,
-                                          segment_ids=flip_time(segment_ids))
+                                          segment_ids=flip_time(segment_ids), implementation=implementation)
   return o_fwd, flip_time(o_bwd)

@@ -59,7 +59,8 @@ class GLA(LinearMixer):
   def _mix(self, q, k, v, log_decay, x, segment_ids, mode, positions):
     if not self.bidirectional:
       return super()._mix(q, k, v, log_decay, x, segment_ids, mode, positions)
-    o_fwd, o_bwd = both_directions(q, k, v, log_decay[:, :, 0], log_decay[:, :, 1], segment_ids)
+    o_fwd, o_bwd = both_directions(q, k, v, log_decay[:, :, 0], log_decay[:, :, 1], segment_ids,
+                                   implementation=self.implementation)
     return (o_fwd + o_bwd) / 2
 
 

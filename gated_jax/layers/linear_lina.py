@@ -69,7 +69,8 @@ class LINA(LinearMixer):
     q32 = q.astype(jnp.float32)
     k32 = k.astype(jnp.float32) * gate(w_k)
     v_aug = jnp.concatenate([v.astype(jnp.float32) * gate(w_v), jnp.ones((*v.shape[:3], 1), jnp.float32)], -1)
-    o_fwd, o_bwd = both_directions(q32, k32, v_aug, None, None, segment_ids, scale=1.0)
+    o_fwd, o_bwd = both_directions(q32, k32, v_aug, None, None, segment_ids, scale=1.0,
+                                   implementation=self.implementation)
     diagonal = jnp.sum(q32 * k32, axis=-1, keepdims=True) * v_aug
     total = o_fwd + o_bwd - diagonal
     count = segment_lengths(segment_ids, batch, seq)[:, :, None, None]

@@ -20,6 +20,7 @@ One function runs on one CPU, one GPU or a TPU pod slice unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gated_jax.data import pipeline
 from gated_jax.train import checkpoint, distributed, flops, metrics, sharding, step, writers
@@ -98,8 +100,11 @@ class _Runner:
       batch_sh = sharding.batch_sharding(self.mesh)
       with jax.set_mesh(self.mesh):
         self.state = jax.jit(step.unboxed(boxed_init), out_shardings=self.shardings)(rng)
-      self._train = jax.jit(fns.train_step, in_shardings=(self.shardings, batch_sh), donate_argnums=0)
-      self._eval = jax.jit(fns.eval_step, in_shardings=(self.shardings["params"], batch_sh))
+      replicated = NamedSharding(self.mesh, PartitionSpec())
+      self._train = jax.jit(fns.train_step, in_shardings=(self.shardings, batch_sh),
+                            out_shardings=(self.shardings, replicated), donate_argnums=0)
+      self._eval = jax.jit(fns.eval_step, in_shardings=(self.shardings["params"], batch_sh),
+                           out_shardings=replicated)
       self._intermediates = jax.jit(fns.intermediates, in_shardings=(self.shardings["params"], batch_sh))
       self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    step.unboxed(lambda: abstract)(), self.shardings)
@@ -129,13 +134,13 @@ class _Runner:
     return {k: v.reshape(n, rows // n, *v.shape[1:]) for k, v in local_batch.items()}
 
   def train_step(self, batch: Any) -> dict[str, float]:
-    with jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext():
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       self.state, m = self._train(self.state, batch)
     m = _host(m)
     return {k: float(v.reshape(-1)[0]) for k, v in m.items()}
 
   def eval_sums(self, batch: Any) -> dict[str, float]:
-    with jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext():
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       sums = _host(self._eval(self.params(), batch))
     return {k: float(v.reshape(-1)[0]) for k, v in sums.items()}
 
@@ -159,14 +164,6 @@ class _Runner:
 
   def final_params(self) -> Any:
     return self.checkpoint_view()["params"]
-
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def _validate(config: Any) -> None:

@@ -283,6 +283,10 @@ def to_markdown(result: Mapping[str, Any]) -> str:
       ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "n/a"
       lines.append(f"| {r['variant']} | {r['layout']} | {r['num_params'] / 1e6:.2f}M | {r['step_ms']:.1f} | "
                    f"{r['tokens_per_s']:.0f} | {mfu} | {ratio} |")
+  done = {(r["size"], r["variant"], r["layout"]) for r in records}
+  missing = [" ".join(c) for c in map(tuple, result["planned"]) if c not in done]
+  if missing:
+    lines.append(f"\nNot run (the sweep was stopped before them): {'; '.join(missing)}.")
   lines.append("\nVariants: " + "; ".join(f"`{v}` = `{m}` {k or ''}" for v, (m, k) in VARIANTS.items()) + ". "
                "Layouts: " + "; ".join(f"`{n}` = {mode} mesh {mesh}" for n, (mode, mesh, _) in LAYOUTS.items()) + ".")
   return "\n".join(lines) + "\n"
@@ -338,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
 
   def write(records: list[dict[str, Any]]) -> None:
     result = {"device": info, "peak": peak, "shapes": shapes, "log_every": args.log_every,
-              "intervals": args.intervals, "command": command.strip(), "records": records}
+              "intervals": args.intervals, "command": command.strip(),
+              "planned": [[c.size, c.variant, c.layout] for c in cases], "records": records}
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(result))
 

@@ -26,13 +26,15 @@ def test_record_has_positive_timings_and_every_key(record):
   assert record["mfu"] == pytest.approx(record["flops_per_token"] * record["tokens_per_s"] / 1e10)
 
 
-def test_markdown_names_device_and_ratio(record):
+def test_markdown_names_device_ratio_and_missing_cases(record):
   info = {"platform": "cpu", "device_kind": "cpu", "num_devices": 1, "cpu_model": "X", "cpu_count": 2, "jax": "0"}
   result = {"device": info, "peak": {"flops": 1e10, "per": "host", "source": "measured"}, "shapes": "cpu",
-            "log_every": 1, "intervals": 2, "command": "cmd", "records": [{**record, "variant": "softmax"}, record]}
+            "log_every": 1, "intervals": 2, "command": "cmd", "records": [{**record, "variant": "softmax"}, record],
+            "planned": [["tiny", "softmax", "single"], ["tiny", "gated_g1", "single"], ["tiny", "gla", "pmap8"]]}
   md = train_step.to_markdown(result)
   assert "CPU X, 2 cores" in md and "simulated" in md
   assert "| softmax | single |" in md and "| 1.00 |" in md
+  assert "Not run (the sweep was stopped before them): tiny gla pmap8." in md
 
 
 def test_bad_choice_raises():

@@ -67,6 +67,8 @@ class Table:
     claims: the claims judged on our means.
     base_config: scale -> base ConfigDict (default: ``experiments.configs.lm.get_config("tiny")``).
     micro_variants: the variants run at ``micro`` scale (default: the first two).
+    summary: optional extra outputs written after the table from ``<out>/<name>/`` (e.g. MQAR's accuracy
+      vs state size); returns markdown that ``reproduce`` prints after the table.
   """
   name: str
   paper: str
@@ -78,6 +80,7 @@ class Table:
   claims: tuple[Claim, ...]
   base_config: Callable[[], ml_collections.ConfigDict] | None = None
   micro_variants: tuple[str, ...] = ()
+  summary: Callable[[pathlib.Path], str] | None = None
 
   def config(self, scale: str, variant: str, seed: int = 0) -> ml_collections.ConfigDict:
     """The full config of one run: base, then the scale's overrides, then the variant's, then the seed."""
@@ -287,5 +290,7 @@ def reproduce(table: Table, *, scale: str = "tiny", seeds: int = 1, out: str | p
       log(f"[{table.name}] {variant} seed {seed}: val loss {loss:.4f} ({run['wall_s']:.1f} s)")
       runs.append(run)
   text = write_results(table, scale, seeds, runs, out_dir)
+  if table.summary is not None:
+    text += "\n" + table.summary(out_dir)
   log(text)
   return text

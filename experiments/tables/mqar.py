@@ -1,9 +1,10 @@
 """Zoology MQAR (Arora et al., arXiv 2312.04927, Figure 2; recall-vs-state plot of the Zoology README):
 multi-query associative recall accuracy of 2-layer, MLP-free models vs width and recurrent-state size.
 
-    python -m experiments reproduce mqar [--scale tiny|small|paper]   # the run grid, table.md, claims
-    python -m experiments.tables.mqar [--scale tiny|small|paper]      # the same, plus summary.md and
-                                                                        # accuracy_vs_state.png (best over lr)
+    python -m experiments reproduce mqar [--scale tiny|small|paper]
+
+writes the run grid (table.md, table.csv, runs.jsonl, plot.png, claims) and the best-over-lr summary
+(summary.md and accuracy_vs_state.png: accuracy vs width and vs recurrent-state size).
 
 Mixers: softmax attention (``gated_attention`` without gate, 1 head as in Zoology), ``linear_attention``,
 ``retnet``, ``gla``, ``mlstm``, ``deltanet``, ``gated_deltanet``, ``gsa`` (2 heads, as the Based repro's
@@ -163,6 +164,7 @@ TABLE = MQARTable(
               "attention (best accuracy over lr, every task and width)", (), _delta_above_gla_above_linear),
     ),
     micro_variants=tuple(p.name for p in grid("micro")),
+    summary=lambda out_dir: write_summary(out_dir),  # pylint: disable=unnecessary-lambda (defined below)
 )
 
 
@@ -258,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--seeds", type=int, default=1)
   args = parser.parse_args(argv)
   common.reproduce(TABLE, scale=args.scale, seeds=args.seeds, out=args.out)
-  print(write_summary(pathlib.Path(args.out) / TABLE.name))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import pytest
 
+from experiments import __main__ as cli
 from experiments import tables
 from experiments.configs import mqar as mqar_config
 from experiments.tables import common, mqar
@@ -51,11 +52,12 @@ def test_best_over_lr_and_claims():
 
 
 def test_micro_run_writes_files_and_verdicts(tmp_path, capsys):
-  mqar.main(["--scale", "micro", "--out", str(tmp_path)])
+  assert cli.main(["reproduce", "mqar", "--scale", "micro", "--out", str(tmp_path)]) == 0
   out_dir = tmp_path / "mqar"
   for name in ("table.md", "table.csv", "runs.jsonl", "plot.png", "summary.md", "accuracy_vs_state.png"):
     assert (out_dir / name).stat().st_size > 0, name
   printed = capsys.readouterr().out
   assert "attention" in printed and ("held" in printed or "did not hold" in printed)
+  assert "best accuracy over learning rates vs width and recurrent-state size" in printed
   summary = (out_dir / "summary.md").read_text()
   assert "| attention | 32 / 2 | 32 |" in summary and "| gla | 32 / 2 | 32 |" in summary

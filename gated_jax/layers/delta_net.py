@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gated_jax.layers.linear_base import LinearMixer, check_positive_float
+from gated_jax.layers.linear_base import LinearMixer, check_flag, check_positive_float
 from gated_jax.layers.registry import MIXERS
 
 
@@ -26,6 +26,10 @@ class DeltaNet(LinearMixer):
   qk_norm: bool = True
   use_short_conv: bool = True
   allow_neg_eigval: bool = False
+
+  def __post_init__(self):
+    check_flag("allow_neg_eigval", self.allow_neg_eigval)
+    super().__post_init__()
 
   def _beta(self, x):
     beta = jax.nn.sigmoid(self.dense(x, (self.num_heads,), ("embed", "heads"), "b_proj").astype(jnp.float32))

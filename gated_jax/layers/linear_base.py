@@ -34,6 +34,11 @@ def check_positive_float(name: str, value: Any) -> None:
     raise ValueError(f"{name}: got {value!r}; allowed: a positive number")
 
 
+def check_flag(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"{name}: got {value!r}; allowed: True or False")
+
+
 def check_implementation(value: Any) -> None:
   """``None`` (auto), a name from ``pallas_kernels.KNOWN_IMPLEMENTATIONS`` or a non-empty sequence of them."""
   names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (tuple, list)) else None
@@ -91,6 +96,7 @@ class LinearMixer(nn.Module):
     output_gate: "swish" / "sigmoid": per-head RMSNorm(o) * act(g_proj(x)); "none": RMSNorm(o).
     norm_eps: epsilon of the output RMSNorm.
     implementation: passed to every ``pallas_kernels`` op call (None: auto; e.g. "reference", "xla").
+    chunk_size: chunk length of the chunked op implementations (None: the op's default).
     dtype: compute dtype (parameters are float32; states and gates are float32).
   """
   d_model: int
@@ -105,11 +111,15 @@ class LinearMixer(nn.Module):
   output_gate: str = "none"
   norm_eps: float = 1e-6
   implementation: Any = None
+  chunk_size: int | None = None
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     for name in ("d_model", "num_heads", "conv_size"):
       _checks.check_positive_int(name, getattr(self, name), allow_none=False)
+    _checks.check_positive_int("chunk_size", self.chunk_size)
+    for name in ("qk_norm", "use_short_conv", "conv_activation"):
+      check_flag(name, getattr(self, name))
     for name in ("expand_k", "expand_v", "norm_eps"):
       check_positive_float(name, getattr(self, name))
     for name, expand in (("expand_k", self.expand_k), ("expand_v", self.expand_v)):
@@ -126,6 +136,11 @@ class LinearMixer(nn.Module):
   def causal(self) -> bool:
     """Whether the mixer is causal (and so has a decode path)."""
     return True
+
+  @property
+  def op_options(self) -> dict[str, Any]:
+    """``implementation`` and ``chunk_size`` for every ``pallas_kernels`` op call."""
+    return dict(implementation=self.implementation, chunk_size=self.chunk_size)
 
   @property
   def key_dim(self) -> int:
@@ -184,7 +199,7 @@ class LinearMixer(nn.Module):
     op = pallas_kernels.linear_attention if beta is None else functools.partial(pallas_kernels.delta_rule,
                                                                                  beta=beta)
     fn = lambda s: op(q, k, v, log_decay=log_decay, scale=scale, initial_state=s, return_final_state=True,
-                      segment_ids=segment_ids, implementation=self.implementation)
+                      segment_ids=segment_ids, **self.op_options)
     return with_state(self, name, fn, (q.shape[0], q.shape[2], q.shape[3], v.shape[3]), mode)
 
   def output_norm(self, o_BTHV: jax.Array, x_BTD: jax.Array, gate: str | None = None) -> jax.Array:
@@ -225,17 +240,17 @@ class LinearMixer(nn.Module):
     return self.out_proj(self.output_norm(o_BTHV, x))
 
 
-def both_directions(q, k, v, log_decay_fwd, log_decay_bwd, segment_ids, scale=None, implementation=None):
+def both_directions(q, k, v, log_decay_fwd, log_decay_bwd, segment_ids, scale=None, **op_options):
   """Causal ``linear_attention`` left-to-right and right-to-left (each including the diagonal token).
 
   Returns ``(o_fwd, o_bwd)`` aligned with the input positions: ``o_fwd[t] = scale * sum_{j<=t} q_t^T
   (prod_{j<r<=t} alpha_fwd[r]) k_j v_j^T`` and ``o_bwd[t] = scale * sum_{j>=t} q_t^T (prod_{t<=r<j}
   alpha_bwd[r]) k_j v_j^T`` (``alpha = exp(log_decay)``; the backward pass applies token ``r``'s gate when it
-  moves from ``r + 1`` to ``r``).
+  moves from ``r + 1`` to ``r``). ``op_options``: ``implementation`` / ``chunk_size`` of the op.
   """
   o_fwd = pallas_kernels.linear_attention(q, k, v, log_decay=log_decay_fwd, scale=scale, segment_ids=segment_ids,
-                                          implementation=implementation)
+                                          **op_options)
   o_bwd = pallas_kernels.linear_attention(flip_time(q), flip_time(k), flip_time(v),
                                           log_decay=flip_time(log_decay_bwd), scale=scale,
-                                          segment_ids=flip_time(segment_ids), implementation=implementation)
+                                          segment_ids=flip_time(segment_ids), **op_options)
   return o_fwd, flip_time(o_bwd)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gated_jax.layers.linear_base import LinearMixer, both_directions, check_positive_float
+from gated_jax.layers.linear_base import LinearMixer, both_directions, check_flag, check_positive_float
 from gated_jax.layers.registry import MIXERS
 
 
@@ -41,6 +41,7 @@ class GLA(LinearMixer):
     check_positive_float("gate_logit_normalizer", self.gate_logit_normalizer)
     if self.clamp_min is not None and not (isinstance(self.clamp_min, (int, float)) and self.clamp_min < 0):
       raise ValueError(f"clamp_min: got {self.clamp_min!r}; allowed: None or a negative number")
+    check_flag("bidirectional", self.bidirectional)
     super().__post_init__()
 
   @property
@@ -60,7 +61,7 @@ class GLA(LinearMixer):
     if not self.bidirectional:
       return super()._mix(q, k, v, log_decay, x, segment_ids, mode, positions)
     o_fwd, o_bwd = both_directions(q, k, v, log_decay[:, :, 0], log_decay[:, :, 1], segment_ids,
-                                   implementation=self.implementation)
+                                   **self.op_options)
     return (o_fwd + o_bwd) / 2
 
 

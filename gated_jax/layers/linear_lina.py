@@ -59,6 +59,9 @@ class LINA(LinearMixer):
     del log_decay, x, mode
     batch, seq = q.shape[:2]
     if positions is None:
+      if seq > self.max_len:
+        raise ValueError(f"x_BTD: got {seq} tokens; allowed: at most max_len={self.max_len} (one KV-gate "
+                         "scalar per position)")
       positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     _checks.check_array("positions", positions, rank=2, layout="(batch, seq)", floating=False)
     _checks.check_shape("positions", positions, (batch, seq), "(batch, seq)")
@@ -70,7 +73,7 @@ class LINA(LinearMixer):
     k32 = k.astype(jnp.float32) * gate(w_k)
     v_aug = jnp.concatenate([v.astype(jnp.float32) * gate(w_v), jnp.ones((*v.shape[:3], 1), jnp.float32)], -1)
     o_fwd, o_bwd = both_directions(q32, k32, v_aug, None, None, segment_ids, scale=1.0,
-                                   implementation=self.implementation)
+                                   **self.op_options)
     diagonal = jnp.sum(q32 * k32, axis=-1, keepdims=True) * v_aug
     total = o_fwd + o_bwd - diagonal
     count = segment_lengths(segment_ids, batch, seq)[:, :, None, None]

@@ -85,7 +85,7 @@ class MLSTM(LinearMixer):
     v_aug = jnp.concatenate([v, jnp.ones((*v.shape[:3], 1), v.dtype)], axis=-1)
     o_aug, final_state = pallas_kernels.linear_attention(
         q, k_scaled, v_aug, log_decay=log_decay, initial_state=initial_state, return_final_state=True,
-        segment_ids=segment_ids, implementation=self.implementation)
+        segment_ids=segment_ids, **self.op_options)
     if mode == "step":
       state.value, key_scale.value, stabilizer.value = final_state, scale_max_BH, m_BTH[:, -1]
     o_aug = o_aug.astype(jnp.float32)

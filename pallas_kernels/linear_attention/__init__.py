@@ -112,8 +112,10 @@ def _canonical_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk
       raise ValueError(f"log_decay: got {got}; allowed: None or shape "
                        + " or ".join(f"{f}={s}" for f, s in zip(decay_forms, shapes)))
     _checks.check_array("log_decay", log_decay, rank=log_decay.ndim, layout="log decay")
-    if not isinstance(log_decay, jax.core.Tracer) and bool(jnp.any(log_decay > 0)):
-      raise ValueError(f"log_decay: natural-log decays must be <= 0, got max {float(jnp.max(log_decay))}")
+    if not isinstance(log_decay, jax.core.Tracer):  # only concrete values can be checked (not jit arguments)
+      with jax.ensure_compile_time_eval():  # a concrete array closed over by a jitted caller stays concrete
+        if bool(jnp.any(log_decay > 0)):
+          raise ValueError(f"log_decay: natural-log decays must be <= 0, got max {float(jnp.max(log_decay))}")
   if scale is None:
     scale = key_dim ** -0.5
   elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:

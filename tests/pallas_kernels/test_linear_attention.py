@@ -90,3 +90,17 @@ def test_shape_sweep(seq, chunk, decay, kv_heads, key_dim, value_dim):
   want = helpers.outputs_and_grads("reference", args, chunk_size=chunk)
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=chunk), want, **TIGHT)
   assert want["o"].shape == (1, seq, 3, value_dim)
+
+
+@pytest.mark.parametrize("op", ("linear_attention", "delta_rule"))
+def test_log_decay_closed_over_under_jit_and_checked_eagerly(op):
+  args = helpers.inputs(4, seq=12, decay="head", delta=op == "delta_rule")
+  log_decay = args.pop("log_decay")
+  positional = [args.pop(n) for n in ("q", "k", "v", "beta") if n in args]
+  public = getattr(pallas_kernels, op)
+  jitted = jax.jit(lambda *xs: public(*xs, log_decay=log_decay, **args, implementation="xla"))
+  np.testing.assert_allclose(jitted(*positional),
+                             public(*positional, log_decay=log_decay, **args, implementation="xla"),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="log_decay"):
+    public(*positional, log_decay=log_decay.at[0, 3, 1].set(0.5), **args, implementation="xla")

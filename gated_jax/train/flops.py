@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 
-# device_kind substring -> dense bf16 FLOP/s per device (data sheets).
+# device_kind substring -> dense bf16 FLOP/s per device (data sheets); first match wins.
 PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12),
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
 )
 _SOFTMAX_MIXERS = ("gated_attention",)

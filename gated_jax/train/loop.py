@@ -166,6 +166,51 @@ class _Runner:
     return self.checkpoint_view()["params"]
 
 
+class _Throughput:
+  """Tokens/s between reports, leaving out the first step of a call (compilation) and eval/checkpoint time."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.start: float | None = None
+    self.steps = 0
+
+  def step_done(self) -> None:
+    if self.start is None:
+      self.start = time.perf_counter()
+    else:
+      self.steps += 1
+
+  @contextlib.contextmanager
+  def paused(self):
+    began = time.perf_counter()
+    yield
+    if self.start is not None:
+      self.start += time.perf_counter() - began
+
+  def report(self) -> float | None:
+    """Tokens/s since the previous report (None when only the compiling step ran)."""
+    now = time.perf_counter()
+    rate = self.tokens_per_step * self.steps / max(now - self.start, 1e-9) if self.steps else None
+    self.start, self.steps = now, 0
+    return rate
+
+
+def _guard(finite: float, m: Mapping[str, float], step_number: int, ckpt: checkpoint.Checkpointer | None) -> None:
+  """The NaN/Inf guard: FloatingPointError naming the step and the last good checkpoint."""
+  if finite:
+    return
+  last = ckpt.latest_step() if ckpt is not None else None
+  where = f"step {last} in {ckpt.directory}" if last is not None else "none"
+  raise FloatingPointError(f"non-finite loss or gradient at step {step_number} (loss {m['loss']}, grad_norm "
+                           f"{m['grad_norm']}); stopped before saving it. Last good checkpoint: {where}")
+
+
+def _checksum(inputs_BT: np.ndarray) -> float:
+  """A position-weighted checksum of the batch's tokens (logged to check the data order across resumes)."""
+  weights = 1 + np.arange(inputs_BT.shape[1])
+  return float(np.sum(inputs_BT.astype(np.int64) * weights) % 1_000_003)
+
+
 def _validate(config: Any) -> None:
   for path in ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                "train.checkpoint_every", "train.grad_accum", "train.max_to_keep"):
@@ -233,40 +278,35 @@ def train(config: Any, workdir: str | pathlib.Path | None = None) -> TrainResult
       start = resumed
   writer = writers.MetricWriter(workdir or ".", enabled=is_chief and workdir is not None,
                                 tensorboard=config.train.get("tensorboard", True))
-  tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_token = flops.model_flops_per_token(runner.abstract["params"], config.model, config.data.seq_len)
   peak = flops.peak_flops_per_device(jax.devices()[0], config.train.get("peak_flops"))
   history: list[dict[str, float]] = []
   bar = tqdm.tqdm(total=steps, initial=start, disable=not (is_chief and config.train.get("progress", True)),
                   desc="train", dynamic_ncols=True)
-  t_last, steps_since = time.perf_counter(), 0
+  throughput = _Throughput(config.data.batch_size * config.data.seq_len)
   try:
     for i in range(start, steps):
       local_batch = next(iterator)
       m = runner.train_step(runner.put(local_batch))
-      if not m.pop("finite"):
-        last = ckpt.latest_step() if ckpt is not None else None
-        raise FloatingPointError(f"non-finite loss or gradient at step {i + 1} (loss {m['loss']}, grad_norm "
-                                 f"{m['grad_norm']}); stopped before saving it. Last good checkpoint: "
-                                 f"{'step ' + str(last) if last is not None else 'none'}"
-                                 f"{' in ' + str(ckpt.directory) if last is not None else ''}")
-      done, steps_since = i + 1, steps_since + 1
-      m["tokens_checksum"] = float(np.sum(local_batch["inputs"].astype(np.int64) * (1 + np.arange(
-          local_batch["inputs"].shape[1]))) % 1_000_003)
+      done = i + 1
+      _guard(m.pop("finite"), m, done, ckpt)
+      throughput.step_done()
+      m["tokens_checksum"] = _checksum(local_batch["inputs"])
       if done % config.train.log_every == 0 or done == steps:
-        now = time.perf_counter()
-        m["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-        if peak:
-          m["mfu"] = flops_per_token * m["tokens_per_s"] / (peak * jax.device_count())
-        t_last, steps_since = now, 0
+        rate = throughput.report()
+        if rate is not None:
+          m["tokens_per_s"] = rate
+          if peak:
+            m["mfu"] = flops_per_token * rate / (peak * jax.device_count())
         history.append({"step": done, **m})
         writer.write(done, m)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.3g}",
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.3g}" if rate else "n/a",
                         mfu=f"{m['mfu']:.1%}" if "mfu" in m else "n/a", refresh=False)
-      if done % config.train.eval_every == 0 and done != steps:
-        writer.write(done, {f"eval_{k}": v for k, v in evaluate(runner, eval_data, False).items()})
-      if ckpt is not None and (done % config.train.checkpoint_every == 0 or done == steps):
-        ckpt.save(done, runner.checkpoint_view(), iterator, meta)
+      with throughput.paused():
+        if done % config.train.eval_every == 0 and done != steps:
+          writer.write(done, {f"eval_{k}": v for k, v in evaluate(runner, eval_data, False).items()})
+        if ckpt is not None and (done % config.train.checkpoint_every == 0 or done == steps):
+          ckpt.save(done, runner.checkpoint_view(), iterator, meta)
       bar.update(1)
     final = evaluate(runner, eval_data, config.train.get("diagnostics", False))
     writer.write(max(steps, start), {f"eval_{k}": v for k, v in final.items()})

@@ -27,7 +27,8 @@ def test_writes_metrics_tensorboard_and_checkpoints(baseline):
   entries = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3, 4, 5, 6]
   assert entries[-1]["eval_loss"] == pytest.approx(result.eval["loss"])
-  assert all(e["tokens_per_s"] > 0 for e in entries if "loss" in e)
+  rates = [e["tokens_per_s"] for e in entries if "tokens_per_s" in e]
+  assert len(rates) == 5 and min(rates) > 0  # step 1 (compilation) has none
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
   assert result.history[-1]["loss"] < result.history[0]["loss"]

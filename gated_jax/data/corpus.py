@@ -66,6 +66,17 @@ def _window(data: np.ndarray, seq_len: int, index: int) -> dict[str, np.ndarray]
   return {"inputs": w[:-1], "targets": w[1:], "weights": np.ones((seq_len,), np.float32)}
 
 
+def _split_corpus(data_config: Any, split: str) -> tuple[int, np.ndarray]:
+  """``(data.seq_len, the split's bytes)``: train keeps ``data.corpus_bytes``, validation a tenth of it."""
+  seq_len = data_config["seq_len"]
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+    raise ValueError(f"data.seq_len: got {seq_len!r}; allowed: a positive int")
+  budget = data_config.get("corpus_bytes", DEFAULT_CORPUS_BYTES)
+  if canonical_split(split) != TRAIN:
+    budget = max(budget // 10, seq_len + 1)
+  return seq_len, corpus_bytes(canonical_split(split), budget)
+
+
 @SOURCES.register("stdlib_bytes")
 def make_stdlib_bytes(data_config: Any, split: str) -> grain.MapDataset:
   """Windows of ``data_config.seq_len + 1`` bytes of the ``split`` corpus as a ``grain.MapDataset``.
@@ -75,13 +86,7 @@ def make_stdlib_bytes(data_config: Any, split: str) -> grain.MapDataset:
       validation gets a tenth; default ``DEFAULT_CORPUS_BYTES``).
     split: ``"train"`` or ``"validation"`` (aliases ``val``, ``valid``, ``eval``).
   """
-  seq_len = data_config["seq_len"]
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-    raise ValueError(f"data.seq_len: got {seq_len!r}; allowed: a positive int")
-  budget = data_config.get("corpus_bytes", DEFAULT_CORPUS_BYTES)
-  if canonical_split(split) != TRAIN:
-    budget = max(budget // 10, seq_len + 1)
-  data = corpus_bytes(canonical_split(split), budget)
+  seq_len, data = _split_corpus(data_config, split)
   num_windows = (len(data) - 1) // seq_len
   if num_windows < 1:
     raise ValueError(f"data.seq_len: got {seq_len}; the {split} corpus has only {len(data)} bytes")
@@ -89,9 +94,11 @@ def make_stdlib_bytes(data_config: Any, split: str) -> grain.MapDataset:
 
 
 def _document_pieces(data: np.ndarray, piece_len: int) -> np.ndarray:
-  """``(N, 2)`` start/end offsets of the documents of ``data`` (split at ``SEPARATOR``, separator kept at the
-  end), each cut into pieces of at most ``piece_len`` bytes; pieces shorter than 2 bytes are dropped."""
+  """``(N, 2)`` start/end offsets of the documents of ``data`` (split after each ``SEPARATOR``; the last one
+  may be cut short by the byte budget), each cut into pieces of at most ``piece_len`` bytes; pieces shorter than 2 bytes are dropped."""
   ends = np.flatnonzero(data == SEPARATOR) + 1
+  if not len(ends) or ends[-1] != len(data):  # the budget cut the last document short
+    ends = np.append(ends, len(data))
   starts = np.concatenate([[0], ends[:-1]])
   spans = []
   for start, end in zip(starts, ends):
@@ -111,12 +118,6 @@ def make_stdlib_documents(data_config: Any, split: str) -> grain.MapDataset:
   """The ``stdlib_bytes`` corpus as variable-length documents (one per source file, cut into pieces of at most
   ``seq_len + 1`` bytes), for sequence packing (``data.packing=True``): each example is one piece with
   ``inputs``, ``targets`` and ``weights`` of its own length."""
-  seq_len = data_config["seq_len"]
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-    raise ValueError(f"data.seq_len: got {seq_len!r}; allowed: a positive int")
-  budget = data_config.get("corpus_bytes", DEFAULT_CORPUS_BYTES)
-  if canonical_split(split) != TRAIN:
-    budget = max(budget // 10, seq_len + 1)
-  data = corpus_bytes(canonical_split(split), budget)
+  seq_len, data = _split_corpus(data_config, split)
   spans = _document_pieces(data, seq_len + 1)
   return grain.MapDataset.range(len(spans)).map(functools.partial(_piece, data, spans))

@@ -261,6 +261,7 @@ def to_markdown(result: dict[str, object]) -> str:
            f"(impractical), `n/i` = not implemented for these arguments, `error` = the implementation failed (see the JSON).\n"]
   rows = result["rows"]
   lines += _summary(result)
+  lines += [f"- Note: {note}" for note in result.get("notes", [])]
   if result.get("ratio_runs"):
     lines.append(f"\n## fwd+bwd ratio reference / xla at T={RATIO_SEQ_LEN} ({RATIO_CASE}, B=1)\n")
     lines.append("Measured back to back after the sweep; each ratio uses times from one run.\n")
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                       help=f"back-to-back reference/xla fwd+bwd measurements at T={RATIO_SEQ_LEN} (0: none)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="results directory")
   parser.add_argument("--render", type=pathlib.Path, default=None,
-                      help="only rewrite the .md next to this results .json (no measurement)")
+                      help="only rewrite the .md next to this results .json (no measurement; renders its "
+                           "optional 'notes' list of strings too)")
   args = parser.parse_args(argv)
   if args.render is not None:
     args.render.with_suffix(".md").write_text(to_markdown(json.loads(args.render.read_text())))

@@ -10,7 +10,8 @@ Mixers: softmax attention (``gated_attention`` without gate, 1 head as in Zoolog
 ``retnet``, ``gla``, ``mlstm``, ``deltanet``, ``gated_deltanet``, ``gsa`` (2 heads, as the Based repro's
 GLA/DeltaNet/GDN) and a hybrid ``gla+swa`` (GLA then sliding-window attention of 16 tokens). The kernelised
 mixers use ``expand_k = expand_v = 1`` (fla's defaults halve GLA/mLSTM keys and double RetNet/GDN values), so
-at equal width their states are equal (``heads × (d/heads)²`` floats, plus the delta rules' short-conv state). Every
+at equal width their states are equal (``heads × (d/heads)²`` floats, plus the delta rules' short-conv state);
+GSA gets ``m = d / heads / 2`` slots so that its two ``(d/heads) × m`` states match (fla's default is 64). Every
 (mixer, task, width, learning rate) is one run; as in Zoology the reported number is the best validation
 accuracy over learning rates. State size is the bytes of a layer's decode cache at the model's dims (the
 recurrent state; attention's KV cache at the sequence length), from ``model.init(..., decode=True)``.
@@ -142,6 +143,8 @@ class MQARTable(Table):
     overrides = mqar_config.run_overrides(mqar_config.SWEEPS[scale], point.seq_len, point.num_kv_pairs,
                                           point.d_model, point.lr)
     config = common.apply_overrides(config, {**overrides, **MIXERS[point.mixer]})
+    if point.mixer == "gsa":  # m = head_dim / 2 slots: state 2 * head_dim * m = head_dim^2, as the others
+      config.model.mixer_kwargs = {"num_slots": max(1, point.d_model // config.model.num_heads // 2)}
     config.seed = int(config.get("seed", 0)) + seed
     return config
 

@@ -2,7 +2,7 @@
 associative recall, swept over task size, width and learning rate.
 
     python -m experiments reproduce mqar --scale tiny          # the whole table
-    python -m gated_jax.train --config experiments/configs/mqar.py:tiny --config.model.mixer=gla
+    python -m experiments.train --config=experiments/configs/mqar.py:tiny --workdir=/tmp/mqar_attention
 
 ``get_config(scale)`` is one run of the sweep (the first task, width and learning rate of the scale, softmax
 attention); ``SWEEPS[scale]`` is the grid the table runs. Zoology's harness: AdamW (weight decay 0.1), cosine

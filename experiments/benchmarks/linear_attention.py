@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels.linear_attention import delta_rule_op, linear_attention_op
+from experiments.benchmarks.machine import device_info
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -66,26 +65,6 @@ OPS = {"linear_attention": linear_attention_op, "delta_rule": delta_rule_op}
 RATIO_SEQ_LEN = 4096
 RATIO_CASE = "linear_attention_head"
 _PALLAS_PLATFORM = {"pallas_tpu": "tpu", "pallas_triton": "gpu"}
-
-
-def cpu_model() -> str:
-  """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def device_info() -> dict[str, object]:
-  """The device the numbers belong to."""
-  device = jax.devices()[0]
-  return {"platform": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
-          "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-          "jax": jax.__version__}
 
 
 def make_inputs(case: str, batch: int, seq: int, heads: int, dim: int, dtype=jnp.float32) -> dict[str, jax.Array]:

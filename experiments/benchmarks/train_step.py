@@ -38,7 +38,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,8 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from experiments.benchmarks.machine import device_info
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SIMULATED_DEVICES = 8
@@ -107,20 +108,6 @@ def _choices(arg: str, text: str, allowed: Mapping[str, Any] | tuple[str, ...]) 
   if bad or not names:
     raise ValueError(f"{arg}: got {text!r}; allowed: a comma-separated subset of {', '.join(allowed)}")
   return names
-
-
-def device_info() -> dict[str, Any]:
-  """The machine the numbers belong to: platform, device kind, device count, CPU model and cores, jax."""
-  import jax  # pylint: disable=import-outside-toplevel
-  device = jax.devices()[0]
-  cpu_model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
-  except OSError:
-    pass
-  return {"platform": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
-          "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "jax": jax.__version__}
 
 
 def measure_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:

@@ -16,13 +16,7 @@ BLOCKWISE = sorted(name for name, cls in normalizers.NORMALIZERS.items() if cls.
 BLOCK = 4  # a small key block, so tiny shapes span several blocks and a padded last block
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """Tiny shapes: XLA's optimisation passes cost more than they save (as in flax's lm1b train test)."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(autouse=True)

@@ -13,13 +13,7 @@ import pallas_kernels
 from pallas_kernels.attention import normalizers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """Tiny shapes: XLA's optimisation passes cost more than they save (as in flax's lm1b train test)."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _softmax(x):

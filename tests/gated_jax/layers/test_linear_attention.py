@@ -53,13 +53,7 @@ def make(case: str, **overrides):
   return MIXERS.get(mixer_name(case))(d_model=D, num_heads=H, chunk_size=CHUNK, **{**ALL[case], **overrides})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Tiny shapes: XLA optimisation passes cost far more than they save (as flax's lm1b train_test)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def packed_inputs():

@@ -18,13 +18,7 @@ CAUSAL_MIXERS = ("linear_attention", "retnet", "lightning", "gla", "hgrn2", "mls
 PATTERN = np.array([3, 5, 3, 7])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Tiny shapes: XLA optimisation passes cost far more than they save (as flax's lm1b train_test)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def pattern_batch() -> jax.Array:

@@ -7,15 +7,18 @@ Public ops (layout ``(batch, seq, heads, head_dim)``; see each docstring):
 * :func:`delta_rule` — DeltaNet / Gated DeltaNet.
 
 Selection knobs: ``implementation=`` per call, ``with use("xla"):``, ``GATED_JAX_IMPL=xla``, and
-``with interpret():`` to run the Pallas kernels in interpret mode on any backend. This package never imports
+``with interpret():`` to run the Pallas kernels in interpret mode on any backend. Auto selection picks a
+Pallas kernel only on a backend where it is validated (``dispatch.Op.validated``); a fallback emits a
+:class:`FallbackWarning`. This package never imports
 ``gated_jax`` and imports no hardware-specific module until an implementation needs it.
 """
 
 from pallas_kernels.attention import attention
-from pallas_kernels.dispatch import KNOWN_IMPLEMENTATIONS, current_backend, interpret, interpret_mode, use
+from pallas_kernels.dispatch import (KNOWN_IMPLEMENTATIONS, FallbackWarning, current_backend, interpret,
+                                     interpret_mode, use)
 from pallas_kernels.linear_attention import delta_rule, linear_attention
 
 __all__ = [
-    "KNOWN_IMPLEMENTATIONS", "attention", "current_backend", "delta_rule", "interpret", "interpret_mode",
+    "KNOWN_IMPLEMENTATIONS", "FallbackWarning", "attention", "current_backend", "delta_rule", "interpret", "interpret_mode",
     "linear_attention", "use",
 ]

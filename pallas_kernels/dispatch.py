@@ -4,9 +4,19 @@ Every public op (``attention``, ``linear_attention``, ``delta_rule``) is an :cla
 ordered table of implementations; a call picks one of them:
 
 * ``implementation=None`` (auto): the overrides below if set, otherwise every implementation that is part of
-  the auto order and supports the current backend, best first, always ending in ``"xla"``.
+  the auto order and supports the current backend, best first, then ``"xla"``, then ``"reference"`` as the
+  last resort for calls no fast path supports (e.g. sort-based normalizers), with a :class:`FallbackWarning`.
 * ``implementation="name"``: exactly that one; its ``NotImplementedError`` propagates with its message.
 * ``implementation=("a", "b", ...)``: tried in order; ``NotImplementedError`` moves on to the next.
+
+Auto selection is honest about hardware: a Pallas kernel enters a backend's auto order only when that backend
+is in its ``validated_on`` — set at registration, and only after the kernel ran compiled on that backend and
+beat ``"xla"`` in a benchmark committed under ``experiments/benchmarks/results/``. Until then it is opt-in by
+name. Interpret mode makes Pallas kernels *runnable* on any backend but never puts them in the auto order.
+
+A fallback is never silent: when an implementation that was tried raises ``NotImplementedError`` and a later
+one runs instead, a :class:`FallbackWarning` says which, and why (once per message, Python's default warning
+filter). Silence it with ``warnings.filterwarnings("ignore", category=pallas_kernels.FallbackWarning)``.
 
 Overrides that need no change to model code, in decreasing precedence after an explicit argument:
 
@@ -15,7 +25,7 @@ Overrides that need no change to model code, in decreasing precedence after an e
   ``"attention=reference;linear_attention=parallel,xla"``.
 
 ``with pallas_kernels.interpret(): ...`` runs the Pallas implementations in interpret mode, which makes them
-eligible on any backend (so the same kernels run on a CPU).
+runnable by name on any backend (so the same kernels run on a CPU).
 
 Implementations are registered lazily by module path, so hardware-specific imports
 (``jax.experimental.pallas.tpu``, ``...pallas.triton``, ``jax_triton``) happen only when that implementation is
@@ -29,6 +39,7 @@ import contextvars
 import dataclasses
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,6 +55,10 @@ _OVERRIDES: contextvars.ContextVar[dict[str | None, tuple[str, ...]]] = contextv
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("gated_jax_pallas_interpret", default=False)
 
 
+class FallbackWarning(UserWarning):
+  """An implementation raised ``NotImplementedError`` and a later candidate ran instead."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
   """One way of computing an op.
@@ -53,13 +68,16 @@ class Implementation:
     target: ``"module.path:function"``, imported on first use (keeps hardware imports lazy).
     platforms: backends it runs on natively (``"cpu"``, ``"gpu"``, ``"tpu"``); ``None`` means all.
     auto_priority: position in the auto order (lower first); ``None`` keeps it out of auto selection.
-    pallas: whether it is a Pallas kernel (eligible everywhere under :func:`interpret`).
+    pallas: whether it is a Pallas kernel (runnable everywhere under :func:`interpret`).
+    validated_on: backends where this Pallas kernel ran compiled and beat ``"xla"`` in a committed benchmark;
+      only there may auto selection pick it.
   """
   name: str
   target: str
   platforms: frozenset[str] | None = None
   auto_priority: int | None = None
   pallas: bool = False
+  validated_on: frozenset[str] = frozenset()
 
   def load(self) -> Callable[..., Any]:
     module_name, _, attr = self.target.partition(":")
@@ -74,20 +92,49 @@ class Implementation:
       return True
     return self.platforms is None or backend in self.platforms
 
+  def in_auto_order(self, backend: str) -> bool:
+    """Whether auto selection may pick it on ``backend`` (Pallas kernels: only where validated)."""
+    if self.auto_priority is None:
+      return False
+    if self.pallas:
+      return backend in self.validated_on
+    return self.platforms is None or backend in self.platforms
+
+
+_OPS: dict[str, "Op"] = {}
+
+
+def registered_ops() -> tuple["Op", ...]:
+  """Every op of the library (each op module registers its own at import; ``pallas_kernels`` imports all)."""
+  import pallas_kernels  # pylint: disable=import-outside-toplevel,unused-import  (fills the table)
+  return tuple(_OPS.values())
+
 
 class Op:
-  """A public op: validation is done by the caller; this object picks and runs an implementation."""
+  """A public op: validation is done by the caller; this object picks and runs an implementation.
+
+  ``Op(name)`` makes a free-standing op (tests); ``Op.public(name)`` also lists it in :func:`registered_ops`.
+  """
 
   def __init__(self, name: str):
     self.name = name
     self._impls: dict[str, Implementation] = {}
 
+  @classmethod
+  def public(cls, name: str) -> "Op":
+    if name in _OPS:
+      raise ValueError(f"op {name!r} is already registered")
+    _OPS[name] = op = cls(name)
+    return op
+
   def register(self, name: str, target: str, *, platforms: Sequence[str] | None = None,
-               auto_priority: int | None = None, pallas: bool = False) -> None:
+               auto_priority: int | None = None, pallas: bool = False, validated_on: Sequence[str] = ()) -> None:
     if name not in KNOWN_IMPLEMENTATIONS:
       raise ValueError(f"implementation name {name!r} is not one of {KNOWN_IMPLEMENTATIONS}")
+    if validated_on and not pallas:
+      raise ValueError(f"validated_on: got {tuple(validated_on)} for {name!r}; only Pallas kernels carry it")
     self._impls[name] = Implementation(name, target, None if platforms is None else frozenset(platforms),
-                                       auto_priority, pallas)
+                                       auto_priority, pallas, frozenset(validated_on))
 
   @property
   def implementations(self) -> tuple[str, ...]:
@@ -96,10 +143,13 @@ class Op:
   def auto_order(self, backend: str | None = None) -> tuple[str, ...]:
     """Implementations auto selection tries on ``backend`` (default: the current one), best first."""
     backend = backend or current_backend()
-    ranked = sorted((i for i in self._impls.values() if i.auto_priority is not None),
-                    key=lambda i: i.auto_priority)
-    names = [i.name for i in ranked if i.supports_backend(backend) and i.name != "xla"]
-    return (*names, "xla")
+    ranked = sorted((i for i in self._impls.values() if i.in_auto_order(backend)), key=lambda i: i.auto_priority)
+    names = [i.name for i in ranked if i.name not in ("xla", "reference")]
+    return (*names, "xla", *(("reference",) if "reference" in self._impls else ()))
+
+  def validated(self) -> dict[str, tuple[str, ...]]:
+    """Pallas implementation -> backends where auto selection may pick it (README, "Kernels")."""
+    return {i.name: tuple(sorted(i.validated_on)) for i in self._impls.values() if i.pallas}
 
   def resolve(self, implementation: str | Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
     """Returns the candidate names and whether they were named explicitly (single-name errors propagate)."""
@@ -127,11 +177,15 @@ class Op:
           raise NotImplementedError(
               f"{name} runs on {sorted(impl.platforms or ())}, not on backend {current_backend()!r}"
               + (" (use pallas_kernels.interpret() to run it in interpret mode)" if impl.pallas else ""))
-        return impl.load()(*args, **kwargs)
+        result = impl.load()(*args, **kwargs)
       except NotImplementedError as e:
         if explicit:
           raise NotImplementedError(f"{self.name}[{name}]: {e}") from e
         failures.append(f"{name}: {e}")
+        continue
+      if failures:
+        warnings.warn(f"{self.name}: ran {name!r} after " + "; ".join(failures), FallbackWarning, stacklevel=3)
+      return result
     raise NotImplementedError(f"no implementation of {self.name} supports this call; tried "
                               + "; ".join(failures))
 
@@ -149,7 +203,7 @@ def interpret_mode() -> bool:
 
 @contextlib.contextmanager
 def interpret(enabled: bool = True) -> Iterator[None]:
-  """Runs Pallas implementations in interpret mode (and makes them eligible on any backend)."""
+  """Runs Pallas implementations in interpret mode (and makes them runnable by name on any backend)."""
   token = _INTERPRET.set(enabled)
   try:
     yield

@@ -33,7 +33,7 @@ from pallas_kernels.dispatch import Op
 
 _LAYOUT = "(batch, seq, heads, dim)"
 
-attention_op = Op("attention")
+attention_op = Op.public("attention")
 attention_op.register("reference", "pallas_kernels.attention.reference:attention")
 attention_op.register("xla", "pallas_kernels.attention.xla:attention", auto_priority=100)
 attention_op.register("pallas_tpu", "pallas_kernels.attention.tpu:attention", platforms=("tpu",),

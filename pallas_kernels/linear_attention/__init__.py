@@ -35,8 +35,8 @@ from pallas_kernels.dispatch import Op
 DEFAULT_CHUNK_SIZE = 64
 _LAYOUT = "(batch, seq, heads, dim)"
 
-linear_attention_op = Op("linear_attention")
-delta_rule_op = Op("delta_rule")
+linear_attention_op = Op.public("linear_attention")
+delta_rule_op = Op.public("delta_rule")
 for _op, _fn in ((linear_attention_op, "linear_attention"), (delta_rule_op, "delta_rule")):
   _op.register("reference", f"pallas_kernels.linear_attention.reference:{_fn}")
   _op.register("parallel", f"pallas_kernels.linear_attention.parallel:{_fn}")

@@ -14,8 +14,10 @@ def _op_with(tmp_module_name: str) -> dispatch.Op:
   op = dispatch.Op("toy")
   op.register("reference", f"{tmp_module_name}:ok_reference")
   op.register("xla", f"{tmp_module_name}:ok_xla", auto_priority=100)
-  op.register("pallas_tpu", f"{tmp_module_name}:ok_pallas", platforms=("tpu",), auto_priority=0, pallas=True)
-  op.register("pallas_triton", f"{tmp_module_name}:refuses", platforms=("gpu",), auto_priority=1, pallas=True)
+  op.register("pallas_tpu", f"{tmp_module_name}:ok_pallas", platforms=("tpu",), auto_priority=0, pallas=True,
+              validated_on=("tpu",))
+  op.register("pallas_triton", f"{tmp_module_name}:refuses", platforms=("gpu",), auto_priority=1, pallas=True,
+              validated_on=("gpu",))
   op.register("triton", f"{tmp_module_name}:ok_xla", platforms=("gpu",), auto_priority=2)
   op.register("parallel", "module_that_does_not_exist_anywhere:fn")
   return op
@@ -42,17 +44,44 @@ def op():
   return _op_with(__name__)
 
 
-def test_auto_on_cpu_ends_in_xla(op):
-  assert op.auto_order("cpu") == ("xla",)
-  assert op.auto_order("tpu") == ("pallas_tpu", "xla")
-  assert op.auto_order("gpu") == ("pallas_triton", "triton", "xla")
+def test_auto_on_cpu_ends_in_xla_then_reference(op):
+  assert op.auto_order("cpu") == ("xla", "reference")
+  assert op.auto_order("tpu") == ("pallas_tpu", "xla", "reference")
+  assert op.auto_order("gpu") == ("pallas_triton", "triton", "xla", "reference")
   assert op(1) == ("xla", 1)
+
+
+def test_unvalidated_pallas_kernel_is_opt_in_only():
+  op = dispatch.Op("toy_unvalidated")
+  op.register("xla", f"{__name__}:ok_xla", auto_priority=100)
+  op.register("pallas_tpu", f"{__name__}:ok_pallas", platforms=("tpu",), auto_priority=0, pallas=True)
+  assert op.auto_order("tpu") == ("xla",)
+  assert op.validated() == {"pallas_tpu": ()}
+  with dispatch.interpret():   # interpret mode makes it runnable by name, never auto-selected
+    assert op.auto_order("cpu") == ("xla",)
+    assert op(1, implementation="pallas_tpu") == ("pallas_tpu", True, 1)
+  with pytest.raises(ValueError, match="only Pallas kernels"):
+    op.register("reference", f"{__name__}:ok_reference", validated_on=("cpu",))
+
+
+def test_the_library_ops_auto_select_no_unvalidated_kernel():
+  for op in dispatch.registered_ops():
+    for backend in ("cpu", "gpu", "tpu"):
+      validated = {name for name, where in op.validated().items() if backend in where}
+      assert set(op.auto_order(backend)) - {"xla", "reference"} <= validated, (op.name, backend)
+
+
+def test_fallback_warns_with_the_reason(op):
+  with pytest.warns(dispatch.FallbackWarning, match="refuses every call"):
+    with dispatch.interpret():
+      assert op(3, implementation=("pallas_triton", "xla")) == ("xla", 3)
 
 
 def test_explicit_name_and_sequence(op):
   assert op(2, implementation="reference") == ("reference", 2)
   # A sequence falls through NotImplementedError (wrong backend, refusal, failed import) to the next name.
-  assert op(3, implementation=("pallas_tpu", "triton", "parallel", "reference")) == ("reference", 3)
+  with pytest.warns(dispatch.FallbackWarning, match="pallas_tpu.*triton.*parallel"):
+    assert op(3, implementation=("pallas_tpu", "triton", "parallel", "reference")) == ("reference", 3)
 
 
 def test_single_explicit_name_propagates_its_error(op):
@@ -70,10 +99,10 @@ def test_all_candidates_failing_reports_each(op):
     op(1, implementation=("pallas_tpu", "triton"))
 
 
-def test_interpret_makes_pallas_eligible_everywhere(op):
+def test_interpret_makes_pallas_runnable_everywhere_but_not_auto(op):
   with dispatch.interpret():
-    assert op.auto_order("cpu") == ("pallas_tpu", "pallas_triton", "xla")
-    assert op(4) == ("pallas_tpu", True, 4)
+    assert op.auto_order("cpu") == ("xla", "reference")
+    assert op(4, implementation="pallas_tpu") == ("pallas_tpu", True, 4)
   assert not dispatch.interpret_mode()
 
 

@@ -17,7 +17,8 @@ command line (``--config.train.steps=1000``). Groups:
 * ``train``: steps, logging/eval/checkpoint intervals, ``grad_accum``, ``compute_dtype`` (params stay
   float32), ``mode`` (``jit`` with the mesh, or ``pmap``), ``diagnostics`` (attention-sink and activation
   statistics at the final eval), ``peak_flops`` (per device, for MFU where the device is not in
-  ``gated_jax.train.flops.PEAK_FLOPS``).
+  ``gated_jax.train.flops.PEAK_FLOPS``), ``aux_loss_weights`` (name -> weight of each auxiliary loss the layers
+  sow, e.g. ``{"load_balance": 0.01}``; see ``gated_jax.layers.collections``).
 * ``mesh``: sizes of the ``data``, ``fsdp``, ``tensor``, ``expert`` axes (``-1``: the remaining devices).
 * ``distributed``: ``enabled=True`` calls ``jax.distributed.initialize`` (multi-host; on a Cloud TPU pod the
   other fields stay None).
@@ -58,7 +59,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       steps=steps, log_every=max(1, steps // 50), eval_every=steps, eval_batches=8,
       checkpoint_every=max(1, steps // 4), max_to_keep=2, async_checkpointing=True, grad_accum=1,
-      compute_dtype=dtype, mode="jit", diagnostics=True, tensorboard=True, progress=True, peak_flops=0.0))
+      compute_dtype=dtype, mode="jit", diagnostics=True, tensorboard=True, progress=True, peak_flops=0.0,
+      aux_loss_weights={}))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address=placeholder(str), num_processes=placeholder(int),

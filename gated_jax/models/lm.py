@@ -70,6 +70,11 @@ def _frozen(value: Any) -> Any:
   return value
 
 
+def _step_kwarg(cls: type, train_step: jax.Array | None) -> dict[str, Any]:
+  """``{"train_step": ...}`` for layers that ask for it (``gated_jax.layers.collections``), else nothing."""
+  return {"train_step": train_step} if getattr(cls, "uses_train_step", False) else {}
+
+
 class Block(nn.Module):
   """One pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` (``mlp="none"``: no MLP).
 
@@ -88,13 +93,19 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
+               positions: jax.Array | None = None, decode: bool = False,
+               train_step: jax.Array | None = None) -> jax.Array:
     h_BTD = RMSNorm(dtype=self.dtype, name="mixer_norm")(x_BTD)
-    mixer = MIXERS.get(self.mixer)(name="mixer", **self.mixer_kwargs)
-    x_BTD = x_BTD + mixer(h_BTD, segment_ids=segment_ids, positions=positions, decode=decode).astype(x_BTD.dtype)
+    mixer_cls = MIXERS.get(self.mixer)
+    mixer = mixer_cls(name="mixer", **self.mixer_kwargs)
+    y_BTD = mixer(h_BTD, segment_ids=segment_ids, positions=positions, decode=decode,
+                  **_step_kwarg(mixer_cls, train_step))
+    x_BTD = x_BTD + y_BTD.astype(x_BTD.dtype)
     if self.mlp != "none":
       h_BTD = RMSNorm(dtype=self.dtype, name="mlp_norm")(x_BTD)
-      x_BTD = x_BTD + MLPS.get(self.mlp)(name="mlp", **self.mlp_kwargs)(h_BTD).astype(x_BTD.dtype)
+      mlp_cls = MLPS.get(self.mlp)
+      y_BTD = mlp_cls(name="mlp", **self.mlp_kwargs)(h_BTD, **_step_kwarg(mlp_cls, train_step))
+      x_BTD = x_BTD + y_BTD.astype(x_BTD.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "max_abs_activation", diagnostics.max_abs(x_BTD))
@@ -177,8 +188,10 @@ class DecoderLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
-    """Logits ``(B, T, vocab_size)`` in float32 for integer ``tokens_BT``."""
+               positions: jax.Array | None = None, decode: bool = False,
+               train_step: jax.Array | None = None) -> jax.Array:
+    """Logits ``(B, T, vocab_size)`` in float32 for integer ``tokens_BT``; ``train_step`` (int32 scalar, during
+    training) reaches the layers that declare ``uses_train_step`` (``gated_jax.layers.collections``)."""
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
       raise ValueError(f"tokens_BT: got shape {tokens_BT.shape} dtype {tokens_BT.dtype}; allowed: an integer "
                        "array of shape (batch, length)")
@@ -190,7 +203,7 @@ class DecoderLM(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(4,)) if self.remat else Block  # 4: decode (self is 0)
     for i, (name, kwargs) in enumerate(specs):
       block = block_cls(name, kwargs, self.mlp, mlp_kwargs, dtype, name=f"layer_{i}")
-      x_BTD = block(x_BTD, segment_ids, positions, decode)
+      x_BTD = block(x_BTD, segment_ids, positions, decode, train_step)
     x_BTD = RMSNorm(dtype=dtype, name="final_norm")(x_BTD).astype(jnp.float32)
     if self.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(jnp.float32))

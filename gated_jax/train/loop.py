@@ -223,14 +223,24 @@ def _validate(config: Any) -> None:
                      f"batch of {local_rows} rows")
 
 
+def _plain_dict(value: Any) -> dict[str, float]:
+  value = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+  for name, weight in value.items():
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+      raise ValueError(f"train.aux_loss_weights.{name}: got {weight!r}; allowed: a finite float")
+  return {k: float(v) for k, v in value.items()}
+
+
 def evaluate(runner: _Runner, batches: list[dict[str, np.ndarray]], diagnostics: bool) -> dict[str, float]:
-  """Validation loss and accuracy over ``batches`` (weighted), plus the sown diagnostics if asked."""
-  totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+  """Validation loss and accuracy over ``batches`` (weighted), the layers' sown metrics (weighted means) and,
+  if asked, the attention/activation diagnostics."""
+  totals: dict[str, float] = {}
   for batch in batches:
     for k, v in runner.eval_sums(runner.put(batch)).items():
-      totals[k] += v
-  weight = max(totals["weight_sum"], 1.0)
-  result = {"loss": totals["loss_sum"] / weight, "accuracy": totals["correct_sum"] / weight}
+      totals[k] = totals.get(k, 0.0) + v
+  weight = max(totals.pop("weight_sum"), 1.0)
+  result = {"loss": totals.pop("loss_sum") / weight, "accuracy": totals.pop("correct_sum") / weight}
+  result.update({k.removesuffix("_sum"): v / weight for k, v in totals.items()})
   if diagnostics:
     result.update(metrics.summarize_intermediates(runner.intermediates(batches[0])))
   return result
@@ -258,7 +268,9 @@ def train(config: Any, workdir: str | pathlib.Path | None = None) -> TrainResult
   model = step.make_model(config)
   schedule_steps = config.optim.get("schedule_steps") or steps
   tx = make_optimizer(config.optim, schedule_steps)
-  fns = step.StepFns(model, tx, learning_rate_schedule(config.optim, schedule_steps), config.train.grad_accum)
+  aux_weights = tuple(sorted(_plain_dict(config.train.get("aux_loss_weights", {})).items()))
+  fns = step.StepFns(model, tx, learning_rate_schedule(config.optim, schedule_steps), config.train.grad_accum,
+                     aux_loss_weights=aux_weights)
   local = dict(process_index=jax.process_index(), process_count=jax.process_count())
   iterator = pipeline.train_iterator(config.data, seed=config.seed, **local)
   eval_data = pipeline.eval_batches(config.data, num_batches=config.train.eval_batches, **local)

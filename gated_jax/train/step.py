@@ -4,6 +4,12 @@ The train state is a plain dict ``{"step": int32 (), "params": ..., "opt_state":
 so orbax saves it as one pytree. The loss is token cross-entropy weighted by the batch's ``weights`` and
 normalised by their sum over the *whole* global batch, so one step gives the same gradient whatever the
 mesh, the number of gradient-accumulation microbatches or the pmap device count.
+
+Layers' auxiliary losses and metrics (``gated_jax.layers.collections``) ride along: each microbatch's sown
+auxiliary losses, times ``aux_loss_weights[name]`` and times the microbatch's token weight, join the
+cross-entropy sum, so the total stays a token-weighted mean over the global batch; sown metrics are averaged
+the same way. Training steps pass a per-step key of the ``NOISE_RNG`` stream (folded with the step, the
+microbatch and, under pmap, the device) and the step number; evaluation passes neither.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from gated_jax.layers.collections import AUX_LOSS, LAYER_METRICS, NOISE_RNG
 from gated_jax.models import DecoderLM, lm_from_config
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -38,6 +46,31 @@ def make_model(config: Any) -> DecoderLM:
 def _apply(model: DecoderLM, params: Any, batch: Batch, **kwargs) -> Any:
   extra = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
   return model.apply({"params": params}, batch["inputs"], **extra, **kwargs)
+
+
+def _by_name(sown: Any, *, per_layer: bool) -> dict[str, jax.Array]:
+  """Sown scalars (nested by module path, a tuple per call) -> ``name`` (summed over layers, for losses) or
+  ``name`` (mean over layers) plus ``path/name`` per layer (for metrics)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown), sep="/")
+  grouped: dict[str, list[jax.Array]] = {}
+  out: dict[str, jax.Array] = {}
+  for path, calls in flat.items():
+    value = jnp.mean(jnp.stack([jnp.asarray(c, jnp.float32) for c in calls]))
+    grouped.setdefault(path.rsplit("/", 1)[-1], []).append(value)
+    if per_layer:
+      out[path] = value
+  for name, values in grouped.items():
+    out[name] = jnp.mean(jnp.stack(values)) if per_layer else jnp.sum(jnp.stack(values))
+  return out
+
+
+def aux_loss_total(aux: dict[str, jax.Array], weights: dict[str, float]) -> jax.Array:
+  """``sum_name weights[name] * aux[name]``; ValueError naming a sown loss that has no configured weight."""
+  missing = sorted(set(aux) - set(weights))
+  if missing:
+    raise ValueError(f"train.aux_loss_weights: the model sows auxiliary losses {missing} that have no weight; "
+                     f"configured: {dict(weights)} (set a weight, 0.0 to log a loss without training on it)")
+  return sum((weights[name] * value for name, value in aux.items()), jnp.zeros((), jnp.float32))
 
 
 def weighted_sums(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -79,49 +112,71 @@ class StepFns:
   schedule: optax.Schedule
   grad_accum: int = 1
   pmap: bool = False
+  aux_loss_weights: tuple[tuple[str, float], ...] = ()
 
   def _reduce(self, tree: Any) -> Any:
     return jax.lax.psum(tree, PMAP_AXIS) if self.pmap else tree
 
-  def _sums_and_grads(self, params: Any, batch: Batch) -> tuple[tuple[jax.Array, ...], Any]:
-    def loss_sum(p, mb):
-      loss, correct, weight = weighted_sums(_apply(self.model, p, mb), mb)
-      return loss, (correct, weight)
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  def _forward_sums(self, params: Any, batch: Batch, **kwargs) -> tuple[jax.Array, dict[str, Any]]:
+    """``(objective sum, sums)`` of one (micro)batch: cross-entropy plus weighted auxiliary losses, each times
+    the token weight; ``sums`` holds ``loss``, ``correct``, ``weight`` and weight-times ``aux/*`` and metrics."""
+    logits, sown = _apply(self.model, params, batch, mutable=[AUX_LOSS, LAYER_METRICS], **kwargs)
+    loss, correct, weight = weighted_sums(logits, batch)
+    aux = _by_name(sown.get(AUX_LOSS, {}), per_layer=False)
+    objective = loss + weight * aux_loss_total(aux, dict(self.aux_loss_weights))
+    layer_metrics = _by_name(sown.get(LAYER_METRICS, {}), per_layer=True)
+    weighted = {**{f"aux/{k}": v for k, v in aux.items()}, **layer_metrics}
+    sums = {"loss": loss, "correct": correct, "weight": weight, **{k: weight * v for k, v in weighted.items()}}
+    return objective, sums
+
+  def _sums_and_grads(self, params: Any, batch: Batch, key: jax.Array, train_step: jax.Array
+                      ) -> tuple[dict[str, jax.Array], Any]:
+    def objective(p, mb, i):
+      return self._forward_sums(p, mb, rngs={NOISE_RNG: jax.random.fold_in(key, i)}, train_step=train_step)
+    grad_fn = jax.grad(objective, has_aux=True)
     if self.grad_accum == 1:
-      (loss, (correct, weight)), grads = grad_fn(params, batch)
-      return (loss, correct, weight), grads
+      grads, sums = grad_fn(params, batch, 0)
+      return sums, grads
 
     def micro(i):  # microbatch i: rows i, i + n, i + 2n, ... (keeps each shard's rows on its device)
       return jax.tree.map(lambda x: x.reshape(-1, self.grad_accum, *x.shape[1:])[:, i], batch)
 
     def body(carry, i):
-      sums, grads = carry
-      (loss, (correct, weight)), g = grad_fn(params, micro(i))
-      return (jax.tree.map(jnp.add, sums, (loss, correct, weight)), jax.tree.map(jnp.add, grads, g)), None
-    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-    (sums, grads), _ = jax.lax.scan(body, (zeros, jax.tree.map(jnp.zeros_like, params)),
-                                    jnp.arange(self.grad_accum))
+      g, sums = grad_fn(params, micro(i), i)
+      return jax.tree.map(jnp.add, carry, (sums, g)), None
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, micro(0), 0)[::-1])
+    (sums, grads), _ = jax.lax.scan(body, zeros, jnp.arange(self.grad_accum))
     return sums, grads
 
+  def _step_key(self, state: State) -> jax.Array:
+    key = jax.random.fold_in(state["rng"], state["step"])
+    return jax.random.fold_in(key, jax.lax.axis_index(PMAP_AXIS)) if self.pmap else key
+
   def train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer step on the global batch; metrics ``loss``, ``accuracy``, ``grad_norm``, ``lr``, ``finite``."""
-    (loss, correct, weight), grads = self._reduce(self._sums_and_grads(state["params"], batch))
-    denom = jnp.maximum(weight, 1.0)
+    """One optimizer step on the global batch; metrics ``loss`` (cross-entropy), ``accuracy``, ``grad_norm``,
+    ``lr``, ``finite``, plus ``aux/<name>`` (unweighted, summed over layers) and the layers' sown metrics."""
+    sums, grads = self._reduce(self._sums_and_grads(state["params"], batch, self._step_key(state), state["step"]))
+    denom = jnp.maximum(sums.pop("weight"), 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    loss = loss / denom
     grad_norm = optax.tree.norm(grads)
-    metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
-               "lr": self.schedule(state["step"]), "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    metrics = {k: v / denom for k, v in sums.items()}
+    metrics["accuracy"] = metrics.pop("correct")
+    total = metrics["loss"] + aux_loss_total({k[4:]: v for k, v in metrics.items() if k.startswith("aux/")},
+                                             dict(self.aux_loss_weights))
+    metrics.update(grad_norm=grad_norm, lr=self.schedule(state["step"]),
+                   finite=jnp.isfinite(total) & jnp.isfinite(grad_norm))
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 
   def eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-    """Weighted sums ``loss_sum``, ``correct_sum``, ``weight_sum`` of one eval batch."""
-    loss, correct, weight = self._reduce(weighted_sums(_apply(self.model, params, batch), batch))
-    return {"loss_sum": loss, "correct_sum": correct, "weight_sum": weight}
+    """Weighted sums of one eval batch: ``loss_sum``, ``correct_sum``, ``weight_sum`` and, for each sown
+    metric, ``<name>_sum`` (metric times token weight)."""
+    _, sums = self._forward_sums(params, batch)
+    sums = self._reduce(sums)
+    return {"loss_sum": sums.pop("loss"), "correct_sum": sums.pop("correct"), "weight_sum": sums.pop("weight"),
+            **{f"{k}_sum": v for k, v in sums.items()}}
 
   def intermediates(self, params: Any, batch: Batch) -> Any:
     """The ``"intermediates"`` the model sows on ``batch`` (attention sinks, gate scores, activations)."""

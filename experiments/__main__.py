@@ -2,9 +2,12 @@
 
     python -m experiments list
     python -m experiments reproduce NAME [--scale tiny|small|paper] [--out results] [--seeds N]
+    python -m experiments reproduce all [--scale tiny]
 
 ``tiny`` (default) runs on a 2-core CPU in minutes, ``small`` wants a GPU/TPU for about an hour, ``paper`` is
-the paper's configuration. Results go to ``<out>/NAME/`` (table.md, table.csv, runs.jsonl, plot.png).
+the paper's configuration. Results go to ``<out>/NAME/`` (table.md, table.csv, runs.jsonl, plot.png); ``all``
+runs every table in turn and writes ``<out>/summary.md`` (each table's wall time and verdicts). ``--seeds``
+defaults to each table's own count.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("list", help="list the reproducible tables and their papers")
   rep = sub.add_parser("reproduce", help="train a table's grid and compare with the paper")
-  rep.add_argument("name", help="table name (see `list`)")
+  rep.add_argument("name", help="table name (see `list`), or `all`")
   rep.add_argument("--scale", default="tiny", choices=common.SCALES + common.HIDDEN_SCALES,
                    metavar="{" + "|".join(common.SCALES) + "}", help="model/data scale (default: tiny)")
   rep.add_argument("--out", default="results", help="results directory (default: results)")
-  rep.add_argument("--seeds", type=int, default=1, help="seeds per variant (default: 1)")
+  rep.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the table's own)")
   return parser
 
 
@@ -37,11 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"{name}: {tables.get(name).paper}")
     return 0
   try:
-    table = tables.get(args.name)
+    chosen = [tables.get(n) for n in (tables.names() if args.name == "all" else (args.name,))]
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  common.reproduce(table, scale=args.scale, seeds=args.seeds, out=args.out)
+  texts = [common.reproduce(table, scale=args.scale, seeds=args.seeds, out=args.out) for table in chosen]
+  if args.name == "all":
+    summary = common.write_summary(chosen, texts, args.out)
+    print(summary)
   return 0
 
 

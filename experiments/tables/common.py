@@ -1,14 +1,19 @@
 """Shared machinery of the one-command paper tables (DESIGN.md, "Experiments").
 
 A table module declares one ``Table``: the paper and its claims, the grid of runs (variant -> config
-overrides, plus per-scale overrides of the base LM config), the metrics, the paper's reported numbers and a
-judge per claim. ``reproduce`` trains every (variant, seed) with ``gated_jax.train.train`` and writes
-``<out>/<name>/``:
+overrides, plus per-scale overrides of the base config), the metrics, the paper's reported numbers and a
+judge per claim. ``reproduce`` runs every (variant, seed) — an LM trained by ``gated_jax.train.train``, or the
+table's own ``runner`` (classifiers, synthetic estimators) — and writes ``<out>/<name>/``:
 
 * ``runs.jsonl``: one line per run (variant, seed, config, final metrics, history, wall time);
 * ``table.csv`` and ``table.md``: per variant the mean (± std over seeds) of every metric, the paper's
-  numbers beside them, and per claim "held" / "did not hold" at this scale;
-* ``plot.png``: training-loss curves (mean over seeds) per variant.
+  numbers beside them, and per claim its verdict (below), with the seed count and the wall time;
+* ``plot.png``: what the verdicts rest on — the table's main metric per variant (every seed, mean ± std) and
+  the smoothed training curves drawn relative to the baseline variant.
+
+Verdicts mean something only against the seed spread, so each claim is judged on every seed's runs separately
+as well as on the means: "held" / "did not hold" when every seed agrees, "not resolved at this scale (held in
+k of n seeds)" when they do not, and a single seed says that its spread was not measured.
 
 Overrides are dotted config paths, e.g. ``{"model.mixer_kwargs": {"gate_position": "G1"}, "train.steps": 300}``.
 """
@@ -32,6 +37,9 @@ SCALES = ("tiny", "small", "paper")
 HIDDEN_SCALES = ("micro",)  # a seconds-long smoke scale for tests: a couple of variants, a few steps
 
 Means = Mapping[str, Mapping[str, float]]  # variant -> metric key -> mean over seeds
+Runner = Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, Any]]
+
+HELD, NOT_HELD, NOT_RESOLVED, NOT_JUDGED = "held", "did not hold", "not resolved at this scale", "not judged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,12 @@ class Table:
     micro_variants: the variants run at ``micro`` scale (default: the first two).
     summary: optional extra outputs written after the table from ``<out>/<name>/`` (e.g. MQAR's accuracy
       vs state size); returns markdown that ``reproduce`` prints after the table.
+    runner: ``(config, workdir) -> {"metrics": {...}, "history": [{"step": ..., ...}, ...]}`` for tables that
+      are not a language model trained by ``gated_jax.train.train`` (the default runner).
+    default_seeds: seeds per variant when ``--seeds`` is not given (the largest count that fits the budget).
+    plot_metric: the metric drawn per variant in ``plot.png`` (default: the first of ``metrics``).
+    curve_key: the history entry drawn as training curves (default ``"loss"``).
+    baseline: the variant the curves are drawn relative to (default: the first variant run).
   """
   name: str
   paper: str
@@ -81,6 +95,11 @@ class Table:
   base_config: Callable[[], ml_collections.ConfigDict] | None = None
   micro_variants: tuple[str, ...] = ()
   summary: Callable[[pathlib.Path], str] | None = None
+  runner: Runner | None = None
+  default_seeds: int = 1
+  plot_metric: str | None = None
+  curve_key: str = "loss"
+  baseline: str | None = None
 
   def config(self, scale: str, variant: str, seed: int = 0) -> ml_collections.ConfigDict:
     """The full config of one run: base, then the scale's overrides, then the variant's, then the seed."""
@@ -155,17 +174,24 @@ def _jsonable(value: Any) -> Any:
   return str(value)
 
 
-def run_one(table: Table, scale: str, variant: str, seed: int, workdir: pathlib.Path) -> dict[str, Any]:
-  """Trains one (variant, seed) and returns its runs.jsonl record."""
+def train_lm(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+  """The default runner: ``gated_jax.train.train``; final eval metrics plus the parameter count."""
   from gated_jax.train import train  # pylint: disable=import-outside-toplevel
 
+  result = train(config, workdir=str(workdir))
+  metrics = {**{k: float(v) for k, v in result.eval.items()}, "num_params": int(result.num_params)}
+  return {"metrics": metrics, "history": result.history}
+
+
+def run_one(table: Table, scale: str, variant: str, seed: int, workdir: pathlib.Path) -> dict[str, Any]:
+  """Runs one (variant, seed) with the table's runner and returns its runs.jsonl record."""
   config = table.config(scale, variant, seed)
   shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of a stale checkpoint
   start = time.perf_counter()
-  result = train(config, workdir=str(workdir))
-  metrics = {**{k: float(v) for k, v in result.eval.items()}, "num_params": int(result.num_params)}
-  return {"variant": variant, "seed": seed, "config": _jsonable(config.to_dict()), "metrics": metrics,
-          "history": _jsonable(result.history), "wall_s": time.perf_counter() - start}
+  result = (table.runner or train_lm)(config, workdir)
+  return {"variant": variant, "seed": seed, "config": _jsonable(config.to_dict()),
+          "metrics": {k: float(v) for k, v in result["metrics"].items()},
+          "history": _jsonable(result.get("history", [])), "wall_s": time.perf_counter() - start}
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -183,19 +209,41 @@ def aggregate(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[st
   return stats
 
 
-def judge(table: Table, stats: Mapping[str, Mapping[str, tuple[float, float]]]) -> dict[str, str]:
-  """claim name -> "held" / "did not hold" / "not judged (missing: ...)"."""
-  means = {v: {k: mean for k, (mean, _) in m.items()} for v, m in stats.items()}
+def _means(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+  """variant -> metric -> mean over the given runs."""
+  stats = aggregate(runs, sorted({k for r in runs for k in r["metrics"]}))
+  return {v: {k: mean for k, (mean, _) in m.items()} for v, m in stats.items()}
+
+
+def _judge_once(claim: Claim, means: Means) -> bool | str:
+  """True / False, or the reason it could not be judged."""
+  missing = [v for v in claim.variants if v not in means]
+  if missing:
+    return f"missing: {', '.join(missing)}"
+  try:
+    return bool(claim.judge(means))
+  except KeyError as e:  # a metric the judge needs was not reported
+    return f"missing metric {e}"
+
+
+def judge(table: Table, runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+  """claim name -> verdict, judged on the means over seeds and on each seed alone (module docstring)."""
+  seeds = sorted({r["seed"] for r in runs})
   verdicts = {}
   for claim in table.claims:
-    missing = [v for v in claim.variants if v not in means]
-    if missing:
-      verdicts[claim.name] = f"not judged (missing: {', '.join(missing)})"
+    overall = _judge_once(claim, _means(runs))
+    if isinstance(overall, str):
+      verdicts[claim.name] = f"{NOT_JUDGED} ({overall})"
+      continue
+    per_seed = [_judge_once(claim, _means([r for r in runs if r["seed"] == s])) for s in seeds]
+    judged = [v for v in per_seed if isinstance(v, bool)]  # seeds that ran every variant the claim needs
+    held = sum(judged)
+    if len(judged) <= 1:
+      verdicts[claim.name] = f"{HELD if overall else NOT_HELD} (1 seed: spread not measured)"
+    elif held in (0, len(judged)) and bool(held) == overall:
+      verdicts[claim.name] = f"{HELD if overall else NOT_HELD} (all {len(judged)} seeds)"
     else:
-      try:
-        verdicts[claim.name] = "held" if claim.judge(means) else "did not hold"
-      except KeyError as e:  # a metric the judge needs was not reported
-        verdicts[claim.name] = f"not judged (missing metric {e})"
+      verdicts[claim.name] = f"{NOT_RESOLVED} (held in {held} of {len(judged)} seeds)"
   return verdicts
 
 
@@ -216,44 +264,86 @@ def rows(table: Table, stats: Mapping[str, Mapping[str, tuple[float, float]]], s
   return [header] + body
 
 
-def markdown(table: Table, scale: str, seeds: int, grid: list[list[str]], verdicts: Mapping[str, str]) -> str:
-  lines = [f"# {table.name} ({scale} scale, {seeds} seed{'s' if seeds > 1 else ''})", "", table.paper, "",
+def _verdict_markdown(verdict: str) -> str:
+  status, _, detail = verdict.partition(" (")
+  return f"**{status}**" + (f" ({detail}" if detail else "")
+
+
+def markdown(table: Table, scale: str, seeds: int, grid: list[list[str]], verdicts: Mapping[str, str],
+             wall_s: float | None = None) -> str:
+  took = f", {wall_s / 60:.1f} min" if wall_s is not None else ""
+  lines = [f"# {table.name} ({scale} scale, {seeds} seed{'s' if seeds > 1 else ''}{took})", "", table.paper, "",
            "| " + " | ".join(grid[0]) + " |", "|" + "---|" * len(grid[0])]
   lines += ["| " + " | ".join(row) + " |" for row in grid[1:]]
   lines += ["", "## Claims", ""]
-  lines += [f"- **{c.name}** {c.text}: **{verdicts[c.name]}** at this scale" for c in table.claims]
+  lines += [f"- **{c.name}** {c.text}: {_verdict_markdown(verdicts[c.name])}" for c in table.claims]
   return "\n".join(lines) + "\n"
 
 
-def plot(runs: Sequence[Mapping[str, Any]], path: pathlib.Path, title: str) -> None:
-  """Training loss against step, mean over seeds, one line per variant."""
+def _smooth(values: Sequence[float], span: int) -> np.ndarray:
+  """Exponential moving average with bias correction (span ~ number of points averaged)."""
+  alpha, out, avg, norm = 2.0 / (span + 1.0), [], 0.0, 0.0
+  for v in values:
+    avg, norm = (1 - alpha) * avg + alpha * v, (1 - alpha) * norm + alpha
+    out.append(avg / norm)
+  return np.asarray(out)
+
+
+def _curves(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """variant -> (steps, mean over seeds of ``key``) on the steps every seed logged."""
+  by_variant: dict[str, dict[int, list[float]]] = {}
+  for run in runs:
+    for entry in run["history"]:
+      if key in entry and "step" in entry:
+        by_variant.setdefault(run["variant"], {}).setdefault(int(entry["step"]), []).append(float(entry[key]))
+  return {v: (np.array(sorted(d)), np.array([np.mean(d[s]) for s in sorted(d)])) for v, d in by_variant.items()}
+
+
+def plot(table: Table, runs: Sequence[Mapping[str, Any]], path: pathlib.Path, title: str) -> None:
+  """Left: ``plot_metric`` per variant (each seed a dot, mean ± std a bar). Right: the ``curve_key`` curves,
+  smoothed, minus the baseline's (the baseline is the zero line), so small differences are visible."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  curves: dict[str, dict[int, list[float]]] = {}
-  for run in runs:
-    for entry in run["history"]:
-      if "loss" in entry and "step" in entry:
-        curves.setdefault(run["variant"], {}).setdefault(int(entry["step"]), []).append(float(entry["loss"]))
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for variant, by_step in curves.items():
-    steps = sorted(by_step)
-    ax.plot(steps, [np.mean(by_step[s]) for s in steps], label=variant)
-  ax.set(xlabel="step", ylabel="training loss", title=title)
-  ax.legend(fontsize=8)
+  variants = [v for v in dict.fromkeys(r["variant"] for r in runs)]
+  metric = table.plot_metric or (table.metrics[0].key if table.metrics else "loss")
+  curves = _curves(runs, table.curve_key)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.35 * len(variants) + 1.5)),
+                                    gridspec_kw={"width_ratios": (1, 1.3)})
+  for y, variant in enumerate(variants):
+    values = [r["metrics"][metric] for r in runs if r["variant"] == variant and metric in r["metrics"]]
+    if values:
+      left.errorbar(np.mean(values), y, xerr=np.std(values), fmt="o", color="k", capsize=3)
+      left.scatter(values, [y] * len(values), s=12, alpha=0.5)
+  left.set(yticks=range(len(variants)), yticklabels=variants, xlabel=f"{metric} (mean ± std over seeds)",
+           title=title)
+  left.invert_yaxis()
+  baseline = table.baseline if table.baseline in curves else next(iter(curves), None)
+  if baseline is not None:
+    base_steps, base = curves[baseline]
+    for variant, (steps, values) in curves.items():
+      span = max(1, len(steps) // 10)
+      diff = _smooth(values, span) - np.interp(steps, base_steps, _smooth(base, span))
+      right.plot(steps, diff, label=variant, lw=2.0 if variant == baseline else 1.2)
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set(xlabel="step", ylabel=f"{table.curve_key} − {baseline} (smoothed)",
+              title=f"training {table.curve_key} relative to {baseline}")
+    right.legend(fontsize=7, ncol=2)
+  else:
+    right.set_axis_off()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
 def write_results(table: Table, scale: str, seeds: int, runs: Sequence[Mapping[str, Any]],
-                  out_dir: pathlib.Path) -> str:
+                  out_dir: pathlib.Path, wall_s: float | None = None) -> str:
   """Writes table.md, table.csv, runs.jsonl and plot.png into ``out_dir``; returns the markdown table."""
   out_dir.mkdir(parents=True, exist_ok=True)
   stats = aggregate(runs, [m.key for m in table.metrics])
-  verdicts = judge(table, stats)
+  verdicts = judge(table, runs)
   grid = rows(table, stats, seeds)
   with open(out_dir / "runs.jsonl", "w") as f:
     for run in runs:
@@ -268,29 +358,44 @@ def write_results(table: Table, scale: str, seeds: int, runs: Sequence[Mapping[s
       writer.writerow([variant] + ours + [paper.get(c, "") for c in table.paper_columns])
     for claim in table.claims:
       writer.writerow([f"claim:{claim.name}", verdicts[claim.name]])
-  text = markdown(table, scale, seeds, grid, verdicts)
+  text = markdown(table, scale, seeds, grid, verdicts, wall_s)
   (out_dir / "table.md").write_text(text)
-  plot(runs, out_dir / "plot.png", f"{table.name} ({scale})")
+  plot(table, runs, out_dir / "plot.png", f"{table.name} ({scale})")
   return text
 
 
-def reproduce(table: Table, *, scale: str = "tiny", seeds: int = 1, out: str | pathlib.Path = "results",
+def reproduce(table: Table, *, scale: str = "tiny", seeds: int | None = None, out: str | pathlib.Path = "results",
               log: Callable[[str], None] = print) -> str:
-  """Runs ``table``'s grid at ``scale`` for ``seeds`` seeds, writes ``<out>/<name>/`` and returns table.md."""
+  """Runs ``table``'s grid at ``scale`` for ``seeds`` seeds (default ``table.default_seeds``), writes
+  ``<out>/<name>/`` and returns table.md."""
+  seeds = table.default_seeds if seeds is None else seeds
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"seeds: got {seeds!r}; allowed: a positive int")
   if scale not in table.scales:
     raise ValueError(f"scale: got {scale!r}; allowed: {', '.join(s for s in table.scales if s in SCALES)}")
   out_dir = pathlib.Path(out) / table.name
   runs = []
+  start = time.perf_counter()
   for variant in table.run_variants(scale):
     for seed in range(seeds):
       run = run_one(table, scale, variant, seed, out_dir / "runs" / scale / variant / f"seed{seed}")
-      loss = run["metrics"].get("loss", float("nan"))
-      log(f"[{table.name}] {variant} seed {seed}: val loss {loss:.4f} ({run['wall_s']:.1f} s)")
+      key = table.plot_metric or (table.metrics[0].key if table.metrics else "loss")
+      value = run["metrics"].get(key, float("nan"))
+      log(f"[{table.name}] {variant} seed {seed}: {key} {value:.4f} ({run['wall_s']:.1f} s)")
       runs.append(run)
-  text = write_results(table, scale, seeds, runs, out_dir)
+  text = write_results(table, scale, seeds, runs, out_dir, time.perf_counter() - start)
   if table.summary is not None:
     text += "\n" + table.summary(out_dir)
   log(text)
   return text
+
+
+def write_summary(chosen: Sequence[Table], texts: Sequence[str], out: str | pathlib.Path) -> str:
+  """``<out>/summary.md``: each table's heading line (scale, seeds, wall time) and its claims, as reproduced."""
+  lines = ["# Reproduced tables", ""]
+  for table, text in zip(chosen, texts, strict=True):
+    heading, claims = text.splitlines()[0].lstrip("# "), text.split("## Claims", 1)[-1].strip()
+    lines += [f"## {heading}", "", table.paper, "", claims, ""]
+  summary = "\n".join(lines)
+  (pathlib.Path(out) / "summary.md").write_text(summary)
+  return summary

@@ -47,8 +47,9 @@ def test_best_over_lr_and_claims():
   assert mqar._delta_above_gla_above_linear(_means(ordered))
   assert not mqar._attention_near_one(_means({**ordered, "attention": 0.5}))
   assert not mqar._delta_above_gla_above_linear(_means({**ordered, "gla": 0.5}))
-  verdicts = common.judge(mqar.TABLE, {n: {"accuracy": (0.3, 0.0)} for n in mqar.TABLE.run_variants("micro")})
-  assert verdicts["attention"] == "did not hold" and verdicts["delta>gla>linear"].startswith("not judged")
+  runs = [{"variant": n, "seed": 0, "metrics": {"accuracy": 0.3}} for n in mqar.TABLE.run_variants("micro")]
+  verdicts = common.judge(mqar.TABLE, runs)
+  assert verdicts["attention"].startswith("did not hold") and verdicts["delta>gla>linear"].startswith("not judged")
 
 
 def test_micro_run_writes_files_and_verdicts(tmp_path, capsys):

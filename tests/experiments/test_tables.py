@@ -52,20 +52,42 @@ def test_aggregate_and_judge():
   stats = common.aggregate(_runs(), ["loss", "gate_mean"])
   assert stats["a"]["loss"] == pytest.approx((2.5, 0.5))
   assert "gate_mean" not in stats["a"] and stats["b"]["gate_mean"] == pytest.approx((0.25, 0.0))
-  verdicts = common.judge(_toy_table(), stats)
-  assert verdicts["x"] == "held"
+  verdicts = common.judge(_toy_table(), _runs())
+  assert verdicts["x"] == "held (1 seed: spread not measured)"  # b has seed 0 only: seed 1 cannot judge x
   assert verdicts["y"].startswith("not judged") and "c" in verdicts["y"]
   flipped = common.judge(_toy_table(claims=(common.Claim("x", "a beats b", ("a", "b"),
-                                                         lambda m: m["a"]["loss"] < m["b"]["loss"]),)), stats)
-  assert flipped["x"] == "did not hold"
+                                                         lambda m: m["a"]["loss"] < m["b"]["loss"]),)), _runs())
+  assert flipped["x"].startswith("did not hold")
 
 
+def _two_seed_runs(b_losses):
+  return [{"variant": v, "seed": s, "metrics": {"loss": loss}, "history": []}
+          for s, b in enumerate(b_losses) for v, loss in (("a", 2.0), ("b", b))]
+
+
+def test_verdict_needs_every_seed_to_agree():
+  table = _toy_table(claims=(common.Claim("x", "b beats a", ("a", "b"), lambda m: m["b"]["loss"] < m["a"]["loss"]),))
+  assert common.judge(table, _two_seed_runs([1.0, 1.5]))["x"] == "held (all 2 seeds)"
+  assert common.judge(table, _two_seed_runs([2.5, 2.1]))["x"] == "did not hold (all 2 seeds)"
+  # The mean (1.9) beats a, but seed 1 does not: the difference is within the seed spread.
+  assert common.judge(table, _two_seed_runs([1.5, 2.3]))["x"] == "not resolved at this scale (held in 1 of 2 seeds)"
+
+
+def test_custom_runner_and_default_seeds(tmp_path):
+  calls = []
+  def runner(config, workdir):
+    calls.append((config.train.steps, config.seed))
+    return {"metrics": {"loss": 1.0 / config.train.steps}, "history": [{"step": 1, "loss": 1.0}]}
+  table = _toy_table(runner=runner, default_seeds=2, micro_variants=("a", "b"))
+  text = common.reproduce(table, scale="micro", out=tmp_path, log=lambda _: None)
+  assert calls == [(1, 3), (1, 4), (2, 3), (2, 4)]
+  assert "2 seeds" in text and "**held** (all 2 seeds)" in text
 def test_write_results(tmp_path):
   text = common.write_results(_toy_table(), "micro", 2, _runs(), tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "runs.jsonl", "table.csv", "table.md"]
   assert "| a | 2.500 ± 0.500 | – | 6 |" in text and "**held**" in text
   assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
-  assert "claim:x,held" in (tmp_path / "table.csv").read_text()
+  assert "claim:x,held (1 seed" in (tmp_path / "table.csv").read_text()
 
 
 def test_gated_attention_table_declares_the_grid():

@@ -12,6 +12,8 @@ decay ``alpha_{t,j}`` and a one-dimensional value ``s_{t,j}``: heads ``H * m``, 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ class GSA(LinearMixer):
     num_slots: memory slots m per head.
     gate_logit_normalizer: divides the logsigmoid of the slot gates.
   """
+  supports_kv_heads: ClassVar[bool] = False
   feature_map: str = "swish"
   num_slots: int = 64
   gate_logit_normalizer: float = 8.0

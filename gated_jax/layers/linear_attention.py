@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gated_jax.layers import delta_net, gsa, linear_gla, linear_lina, mlstm  # noqa: F401  (registration)
-from gated_jax.layers.linear_base import LinearMixer
+from gated_jax.layers import positional
+from gated_jax.layers.linear_base import LinearMixer, check_flag
 from gated_jax.layers.registry import MIXERS
 
 MIXERS.register("linear_attention")(LinearMixer)
@@ -26,11 +27,29 @@ def _constant_log_decay(x_BTD: jax.Array, log_gamma_H: np.ndarray) -> jax.Array:
 
 @MIXERS.register("retnet")
 class RetNet(LinearMixer):
-  """Multi-scale retention, RetNet arXiv 2307.08621 eq. 8-9 (recurrent form, without xPos):
-  ``S_t = gamma_h S_{t-1} + k_t v_t^T`` with fixed ``gamma_h = 1 - 2^(-5-h)``, then per-head RMSNorm(o) *
-  swish(g_proj(x)) and o_proj (fla ``MultiScaleRetention``: expand_k 1, expand_v 2)."""
+  """Multi-scale retention, RetNet arXiv 2307.08621 eq. 8-9 (recurrent form) as fla's
+  ``MultiScaleRetention``: rotary position embedding on q and k (the paper's xPos rotation, §2.1, without its
+  length-extrapolation scaling; fla's ``RotaryEmbedding``: rotate-half pairing, base 10000, applied after the
+  feature map), ``S_t = gamma_h S_{t-1} + k_t v_t^T`` with fixed ``gamma_h = 1 - 2^(-5-h)``, then per-head
+  RMSNorm(o) * swish(g_proj(x)) and o_proj; expand_k 1, expand_v 2, GQA through ``num_kv_heads``.
+
+  Positions are ``positions`` when given (packed sequences restart at 0), else ``arange(T)`` continued from
+  the decode cache's index.
+
+  Attributes:
+    rope: rotate q and k (False: the RetNet recurrence without positions, a departure from fla).
+    rope_base: rotary base.
+  """
   expand_v: float = 2.0
   output_gate: str = "swish"
+  rope: bool = True
+  rope_base: float = 10000.0
+
+  def __post_init__(self):
+    check_flag("rope", self.rope)
+    if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
+      raise ValueError(f"rope_base: got {self.rope_base!r}; allowed: a number > 1")
+    super().__post_init__()
 
   def log_gamma(self) -> np.ndarray:
     """``(H,)`` per-head natural-log decay."""
@@ -39,12 +58,22 @@ class RetNet(LinearMixer):
   def _log_decay(self, x):
     return _constant_log_decay(x, self.log_gamma())
 
+  def _mix(self, q, k, v, log_decay, x, segment_ids, mode, positions):
+    if self.rope:
+      if positions is None:
+        offset = self.get_variable("cache", "cache_index") if mode == "step" else 0
+        positions = positional.default_positions(q.shape[0], q.shape[1], offset)
+      q = positional.apply_rope(q, positions, base=self.rope_base)
+      k = positional.apply_rope(k, positions, base=self.rope_base)
+    return super()._mix(q, k, v, log_decay, x, segment_ids, mode, positions)
+
 
 @MIXERS.register("lightning")
 class Lightning(RetNet):
   """Lightning attention (TransNormerLLM arXiv 2307.14995 §3.1, fla ``chunk_lightning_attn``): swish q/k
   and a fixed per-head decay ``log gamma_h = -(8/H) (1 - layer_idx/num_layers) h`` (head 0 never decays),
-  so deeper layers decay less; output per-head RMSNorm(o) * swish(g_proj(x)), then o_proj.
+  so deeper layers decay less; output per-head RMSNorm(o) * swish(g_proj(x)), then o_proj. No rotary
+  embedding (TransNormerLLM's relative position information is the decay itself).
 
   Attributes:
     layer_idx: this layer's index in ``[0, num_layers)``.
@@ -52,6 +81,7 @@ class Lightning(RetNet):
   """
   expand_v: float = 1.0
   feature_map: str = "swish"
+  rope: bool = False
   layer_idx: int = 0
   num_layers: int = 1
 

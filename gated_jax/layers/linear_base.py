@@ -1,5 +1,5 @@
 """Shared skeleton of the gated linear-attention mixers: projections, short convs, the recurrent-state cache
-and the (gated) per-head output norm.
+and the (gated) output norm.
 
 Every mixer in this family is ``x -> (q, k, v, log decay) -> recurrence -> norm/gate -> o_proj``; a subclass
 overrides only the steps its paper changes (``_qkv``, ``_log_decay``, ``_mix``, ``_output``). The
@@ -7,13 +7,21 @@ recurrence itself is always a ``pallas_kernels`` op. Decode follows the flax lm1
 decode=True)`` creates the ``"cache"`` collection (recurrent state ``(B, H, K, V)`` float32, conv windows,
 ``cache_index``), and later ``decode=True`` calls continue the state from it via the ops' ``initial_state`` /
 ``return_final_state``, so prefill + token-by-token equals the full-sequence call.
+
+Defaults follow flash-linear-attention's layers (fla, the implementation every mixer here cites), so that a
+layer trained with fla computes the same function here once its weights are imported
+(``gated_jax.layers.weight_import``): every projection and short-conv kernel starts at ``N(0, 0.02)`` (fla's
+models re-initialise every ``nn.Linear`` / ``nn.Conv1d`` with ``initializer_range`` 0.02, biases 0), the output
+RMSNorm has epsilon 1e-5 (the layers' ``norm_eps``), and ``num_kv_heads`` shares keys and values between
+groups of query heads as fla's GQA layers do (query head ``h`` reads kv head ``h // (H / KV)``). Each departure
+is a field: ``init_std=None`` gives LeCun-normal projections and PyTorch-default conv kernels.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -22,10 +30,12 @@ import jax.numpy as jnp
 import pallas_kernels
 from pallas_kernels import _checks
 from gated_jax.layers.conv import ShortConv
-from gated_jax.layers.feature_maps import get_feature_map, l2_normalize
-from gated_jax.layers.norms import HeadRMSNorm
+from gated_jax.layers.feature_maps import QK_NORMS, get_feature_map
+from gated_jax.layers.norms import HeadRMSNorm, RMSNorm
 
 OUTPUT_GATES = ("swish", "sigmoid", "none")
+NORM_SCOPES = ("head", "all_heads")
+FLA_INIT_STD = 0.02  # fla's initializer_range
 _GATE_ACTIVATIONS = {"swish": nn.swish, "sigmoid": nn.sigmoid}
 
 
@@ -86,30 +96,44 @@ class LinearMixer(nn.Module):
   Attributes:
     d_model: model width D.
     num_heads: heads H.
+    num_kv_heads: key/value heads KV (GQA, divides H; None: H), for the mixers whose fla layer has them.
     expand_k: key width H*K = expand_k * D.
     expand_v: value width H*V = expand_v * D.
-    feature_map: a ``FEATURE_MAPS`` name applied to q and k.
-    qk_norm: L2-normalise q and k per head (after the feature map).
+    feature_map: a ``FEATURE_MAPS`` name applied to q and k (fla's ``feature_map`` / ``qk_activation``).
+    qk_norm: "none", "l2" (``x / sqrt(sum x^2 + 1e-6)`` per head) or "sum" (``x / sum x``, fla's DeltaNet
+      option), after the feature map.
     use_short_conv: causal depthwise conv (``conv_size`` taps) on q, k, v after their projections.
     conv_size: taps of the short conv.
     conv_activation: SiLU after the short conv.
-    output_gate: "swish" / "sigmoid": per-head RMSNorm(o) * act(g_proj(x)); "none": RMSNorm(o).
-    norm_eps: epsilon of the output RMSNorm.
+    conv_bias: a bias in the short conv (fla ``conv_bias``).
+    output_gate: "swish" / "sigmoid": RMSNorm(o) * act(g_proj(x)); "none": RMSNorm(o).
+    norm_scope: "head": the output RMSNorm normalises each head, with one scale of width V shared by the
+      heads (fla's ``FusedRMSNormGated`` / ``RMSNorm(head_v_dim)``); "all_heads": one RMSNorm over all
+      ``H*V`` channels with a per-channel scale (fla's HGRN2).
+    norm_eps: epsilon of the output RMSNorm (fla's layers: 1e-5).
+    init_std: stddev of the normal init of every projection and short-conv kernel (fla: 0.02); None:
+      LeCun-normal projections and PyTorch-default ``U(-1/sqrt(K), 1/sqrt(K))`` conv kernels.
     implementation: passed to every ``pallas_kernels`` op call (None: auto; e.g. "reference", "xla").
     chunk_size: chunk length of the chunked op implementations (None: the op's default).
     dtype: compute dtype (parameters are float32; states and gates are float32).
   """
+  supports_kv_heads: ClassVar[bool] = True  # False where keys/values cannot be shared by query heads
+
   d_model: int
   num_heads: int
+  num_kv_heads: int | None = None
   expand_k: float = 1.0
   expand_v: float = 1.0
   feature_map: str = "identity"
-  qk_norm: bool = False
+  qk_norm: str = "none"
   use_short_conv: bool = False
   conv_size: int = 4
   conv_activation: bool = True
+  conv_bias: bool = False
   output_gate: str = "none"
-  norm_eps: float = 1e-6
+  norm_scope: str = "head"
+  norm_eps: float = 1e-5
+  init_std: float | None = FLA_INIT_STD
   implementation: Any = None
   chunk_size: int | None = None
   dtype: Any = jnp.float32
@@ -118,17 +142,28 @@ class LinearMixer(nn.Module):
     for name in ("d_model", "num_heads", "conv_size"):
       _checks.check_positive_int(name, getattr(self, name), allow_none=False)
     _checks.check_positive_int("chunk_size", self.chunk_size)
-    for name in ("qk_norm", "use_short_conv", "conv_activation"):
+    _checks.check_positive_int("num_kv_heads", self.num_kv_heads)
+    if self.num_kv_heads is not None:
+      if not self.supports_kv_heads:
+        raise ValueError(f"num_kv_heads: got {self.num_kv_heads!r}; allowed: None ({type(self).__name__} has no "
+                         "shared key/value heads)")
+      if self.num_heads % self.num_kv_heads:
+        raise ValueError(f"num_kv_heads: got {self.num_kv_heads}; allowed: a divisor of num_heads={self.num_heads}")
+    for name in ("use_short_conv", "conv_activation", "conv_bias"):
       check_flag(name, getattr(self, name))
     for name in ("expand_k", "expand_v", "norm_eps"):
       check_positive_float(name, getattr(self, name))
+    if self.init_std is not None:
+      check_positive_float("init_std", self.init_std)
     for name, expand in (("expand_k", self.expand_k), ("expand_v", self.expand_v)):
       width = self.d_model * expand
       if width != int(width) or int(width) % self.num_heads:
         raise ValueError(f"{name}: got {expand!r}; allowed: d_model * {name} = {width} must be a whole "
                          f"multiple of num_heads={self.num_heads}")
     get_feature_map(self.feature_map)
+    _checks.check_choice("qk_norm", self.qk_norm, tuple(QK_NORMS))
     _checks.check_choice("output_gate", self.output_gate, OUTPUT_GATES)
+    _checks.check_choice("norm_scope", self.norm_scope, NORM_SCOPES)
     check_implementation(self.implementation)
     super().__post_init__()
 
@@ -149,6 +184,16 @@ class LinearMixer(nn.Module):
   @property
   def value_dim(self) -> int:
     return int(self.d_model * self.expand_v) // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Heads of the key projection (KV with GQA, else H)."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def value_heads(self) -> int:
+    """Heads of the value projection (the key heads unless a variant has separate value heads)."""
+    return self.kv_heads
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -179,19 +224,25 @@ class LinearMixer(nn.Module):
   def dense(self, x: jax.Array, features: tuple[int, ...], axes: tuple[str | None, ...], name: str, *,
             use_bias: bool = False, bias_init: Callable = nn.initializers.zeros,
             in_axes: tuple[int, ...] = (-1,)) -> jax.Array:
-    """DenseGeneral with logical axes ``axes`` on its kernel (input axes first) and its bias (outputs)."""
+    """DenseGeneral with logical axes ``axes`` on its kernel (input axes first) and its bias (outputs); the
+    kernel starts at ``N(0, init_std)`` (LeCun normal when ``init_std`` is None)."""
     out_axes = axes[len(in_axes):]
+    init = nn.initializers.lecun_normal() if self.init_std is None else nn.initializers.normal(self.init_std)
     return nn.DenseGeneral(features, axis=in_axes, use_bias=use_bias, dtype=self.dtype, name=name,
-                           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                           kernel_init=nn.with_logical_partitioning(init, axes),
                            bias_init=nn.with_logical_partitioning(bias_init, out_axes))(x)
 
   def heads_proj(self, x: jax.Array, head_dim: int, name: str, segment_ids: jax.Array | None, mode: str,
-                 conv: bool | None = None) -> jax.Array:
-    """``(B, T, D) -> (B, T, H, head_dim)``, followed by the short conv when enabled."""
-    y = self.dense(x, (self.num_heads, head_dim), ("embed", "heads", "head_dim"), f"{name}_proj")
-    if self.use_short_conv if conv is None else conv:
-      y = ShortConv(self.conv_size, self.conv_activation, self.dtype, name=f"{name}_conv")(y, segment_ids, mode)
-    return nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
+                 heads: int | None = None) -> jax.Array:
+    """``(B, T, D) -> (B, T, heads, head_dim)`` (``heads`` default H), followed by the short conv when enabled."""
+    heads = self.num_heads if heads is None else heads
+    head_axis = "heads" if heads == self.num_heads else "kv_heads"
+    y = self.dense(x, (heads, head_dim), ("embed", head_axis, "head_dim"), f"{name}_proj")
+    if self.use_short_conv:
+      y = ShortConv(self.conv_size, self.conv_activation, self.dtype, use_bias=self.conv_bias,
+                    init_std=self.init_std, channel_axes=(head_axis, "head_dim"),
+                    name=f"{name}_conv")(y, segment_ids, mode)
+    return nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
 
   def recurrence(self, q, k, v, log_decay, segment_ids, mode, *, beta=None, name: str = "state", scale=None):
     """``pallas_kernels.linear_attention`` (or ``delta_rule`` when ``beta`` is given) with the decode cache
@@ -203,9 +254,16 @@ class LinearMixer(nn.Module):
     return with_state(self, name, fn, (q.shape[0], q.shape[2], q.shape[3], v.shape[3]), mode)
 
   def output_norm(self, o_BTHV: jax.Array, x_BTD: jax.Array, gate: str | None = None) -> jax.Array:
-    """Per-head RMSNorm(o), times ``act(g_proj(x))`` unless the gate is "none"."""
+    """RMSNorm(o) (per head or over all heads, ``norm_scope``), times ``act(g_proj(x))`` unless the gate is
+    "none"."""
     gate = self.output_gate if gate is None else gate
-    o = HeadRMSNorm(eps=self.norm_eps, dtype=self.dtype, name="o_norm")(o_BTHV)
+    if self.norm_scope == "head":
+      o = HeadRMSNorm(eps=self.norm_eps, dtype=self.dtype, name="o_norm")(o_BTHV)
+    else:
+      batch, seq, heads, value_dim = o_BTHV.shape
+      flat = RMSNorm(eps=self.norm_eps, dtype=self.dtype, scale_axes=("heads",), name="o_norm")(
+          o_BTHV.reshape(batch, seq, heads * value_dim))
+      o = flat.reshape(o_BTHV.shape)
     if gate != "none":
       g = self.dense(x_BTD, o.shape[2:], ("embed", "heads", "head_dim"), "g_proj")
       o = o * _GATE_ACTIVATIONS[gate](g)
@@ -217,14 +275,13 @@ class LinearMixer(nn.Module):
   # -- the steps a variant overrides ---------------------------------------------------------------------
 
   def _qkv(self, x, log_decay, segment_ids, mode):
-    """Queries, keys ``(B, T, H, K)`` (feature map, optional L2 norm) and values ``(B, T, H, V)``."""
+    """Queries ``(B, T, H, K)``, keys ``(B, T, KV, K)`` (feature map, then ``qk_norm``) and values
+    ``(B, T, value_heads, V)``."""
     del log_decay
-    phi = get_feature_map(self.feature_map)
-    q = phi(self.heads_proj(x, self.key_dim, "q", segment_ids, mode))
-    k = phi(self.heads_proj(x, self.key_dim, "k", segment_ids, mode))
-    v = self.heads_proj(x, self.value_dim, "v", segment_ids, mode)
-    if self.qk_norm:
-      q, k = l2_normalize(q), l2_normalize(k)
+    phi, norm = get_feature_map(self.feature_map), QK_NORMS[self.qk_norm]
+    q = norm(phi(self.heads_proj(x, self.key_dim, "q", segment_ids, mode)))
+    k = norm(phi(self.heads_proj(x, self.key_dim, "k", segment_ids, mode, heads=self.kv_heads)))
+    v = self.heads_proj(x, self.value_dim, "v", segment_ids, mode, heads=self.value_heads)
     return q, k, v
 
   def _log_decay(self, x):

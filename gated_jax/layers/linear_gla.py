@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,8 @@ class GLA(LinearMixer):
   """Gated linear attention, Yang et al. arXiv 2312.06635 eq. 3-4 (fla ``GatedLinearAttention``):
   ``S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T`` with a low-rank gate
   ``log alpha_t = logsigmoid(W2 W1 x_t + b) / gate_logit_normalizer`` (d -> 16 -> key width, tau = 16),
-  output per-head RMSNorm(o) * swish(g_proj(x)), then o_proj.
+  output per-head RMSNorm(o) * swish(g_proj(x)), then o_proj. With ``num_kv_heads`` the keys, values and
+  the decay have KV heads, shared by groups of query heads (fla's layer repeats all three).
 
   ``bidirectional=True`` is ViG's direction-wise GLA (arXiv 2405.18425 §3.2): shared q/k/v, separate forward
   and backward gates, ``o = (o_fwd + flip(GLA(flip(x), g_bwd))) / 2`` (non-causal: no decode path).
@@ -51,10 +54,12 @@ class GLA(LinearMixer):
   def _log_decay(self, x):
     """``(B, T, H, K)``, or ``(B, T, 2, H, K)`` (forward, backward) when bidirectional."""
     directions = (2,) if self.bidirectional else ()
+    head_axis = "heads" if self.kv_heads == self.num_heads else "kv_heads"
     low = self.dense(x, (self.gate_low_rank_dim,), ("embed", None), "gk_down_proj")
-    logits = self.dense(low, (*directions, self.num_heads, self.key_dim),
-                        (None, *(None,) * len(directions), "heads", "head_dim"), "gk_proj", use_bias=True)
+    logits = self.dense(low, (*directions, self.kv_heads, self.key_dim),
+                        (None, *(None,) * len(directions), head_axis, "head_dim"), "gk_proj", use_bias=True)
     log_decay = jax.nn.log_sigmoid(logits.astype(jnp.float32)) / self.gate_logit_normalizer
+    log_decay = jnp.repeat(log_decay, self.num_heads // self.kv_heads, axis=-2)  # query head h: kv head h // g
     return log_decay if self.clamp_min is None else jnp.maximum(log_decay, self.clamp_min)
 
   def _mix(self, q, k, v, log_decay, x, segment_ids, mode, positions):
@@ -69,12 +74,17 @@ class GLA(LinearMixer):
 class HGRN2(LinearMixer):
   """HGRN2, Qin et al. arXiv 2404.07904 eq. 6 (fla ``HGRN2Attention``): a GLA whose key is tied to the
   forget gate. ``q = swish(q_proj x)``, ``log alpha = logsigmoid(f_proj x)`` (with a lower bound ``lb``:
-  ``alpha = lb + (1 - lb) sigmoid(.)``), ``k = 1 - alpha``, ``v = i_proj x``; output per-head RMSNorm, then
-  o_proj. The forget/expand dim per head (fla ``expand_ratio``) is ``expand_k * d_model / num_heads``.
+  ``alpha = lb + (1 - lb) sigmoid(.)``), ``k = 1 - alpha``, ``v = i_proj x``; output one RMSNorm over all
+  heads (a per-channel scale of width ``H * V``, = d_model at fla's defaults), then o_proj. The forget/expand
+  dim per head (fla ``expand_ratio``) is ``expand_k * d_model / num_heads``. The short conv, when enabled, has
+  no activation (as fla's) and acts on q and i; fla also convolves f_proj, which is not done here.
 
   Attributes:
     lower_bound: forget-gate lower bound in ``[0, 1)`` (HGRN's layer-wise bound; 0 = none).
   """
+  supports_kv_heads: ClassVar[bool] = False  # the key is the forget gate of each head
+  conv_activation: bool = False
+  norm_scope: str = "all_heads"
   lower_bound: float = 0.0
 
   def __post_init__(self):

@@ -11,6 +11,8 @@ of the same pass. LINA's 5x5 depthwise-conv branch (a vision component) is left 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ class LINA(LinearMixer):
   Attributes:
     max_len: number of positions with their own gate scalars (``positions`` must be below it).
   """
+  supports_kv_heads: ClassVar[bool] = False
   feature_map: str = "relu_eps"
   max_len: int = 2048
 

@@ -21,6 +21,8 @@ state when a new chunk raises ``M``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ class MLSTM(LinearMixer):
     gate_soft_cap: soft cap of both gate pre-activations.
     eps: added to the normaliser.
   """
+  supports_kv_heads: ClassVar[bool] = False
   expand_k: float = 0.5
   output_gate: str = "sigmoid"
   igate_bias_init: float = -10.0

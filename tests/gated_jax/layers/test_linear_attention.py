@@ -23,7 +23,7 @@ from gated_jax.layers.linear_attention import Lightning, RetNet
 B, T, D, H = 2, 13, 32, 2
 CHUNK = 4
 CAUSAL = {
-    "linear_attention": dict(feature_map="elu_plus_one", use_short_conv=True, qk_norm=True),
+    "linear_attention": dict(feature_map="elu_plus_one", use_short_conv=True, qk_norm="l2"),
     "retnet": {},
     "lightning": dict(layer_idx=1, num_layers=3),
     "gla": dict(use_short_conv=True),

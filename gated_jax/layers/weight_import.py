@@ -1,6 +1,9 @@
-"""PyTorch-layout attention weights -> ``GatedAttention`` params (reference/attention.md §1.4).
+"""PyTorch-layout checkpoints -> our params: gated attention (``attention_params``) and flash-linear-attention's
+linear-attention layers (``fla_params``).
 
 A PyTorch ``nn.Linear`` stores ``weight`` as ``(out_features, in_features)`` and computes ``x @ weight.T``.
+
+**Gated attention** (Qiu et al., arXiv 2505.06708, and Qwen3-Next).
 The gate's ``W_θ`` has no layer of its own in either checkpoint family: ``q_proj`` is widened.
 
 * **qiuzh20/gated_attention** (``modeling_qwen3.py``, the paper's code, arXiv 2505.06708): packed per KV group.
@@ -13,6 +16,16 @@ The gate's ``W_θ`` has no layer of its own in either checkpoint family: ``q_pro
 
 Both use sigmoid G1 gates on the SDPA output, so the matching layer is ``GatedAttention(gate_position="G1",
 granularity=..., head_dim=D, num_kv_heads=KV)`` (QK-norm on, as in Qwen3).
+
+**flash-linear-attention layers** (``fla.layers``; one layer's ``state_dict``, its keys relative to the layer):
+``GatedLinearAttention`` -> ``"gla"``, ``GatedDeltaNet`` -> ``"gated_deltanet"``, ``DeltaNet`` ->
+``"deltanet"``, ``MultiScaleRetention`` -> ``"retnet"``, ``HGRN2Attention`` -> ``"hgrn2"``. fla flattens heads
+as ``(h d)`` (head-major), so a projection's rows ``h*D .. h*D + D - 1`` are head ``h``; its depthwise
+``ShortConvolution`` weight is ``(channels, 1, taps)``; the output norm is ``g_norm_swish_gate`` /
+``g_norm`` / ``o_norm`` (one scale per head channel; HGRN2's ``g_norm`` spans all heads). Our layer with the
+same widths and fla's defaults (``MIXERS.get(kind)(d_model, num_heads, ...)``; ``output_gate="swish"`` on
+DeltaNet when the checkpoint has ``g_proj``, ``use_short_conv`` as the checkpoint, ``conv_bias`` likewise)
+then computes fla's function; the tests check this against a numpy transcription of each fla layer.
 """
 
 from __future__ import annotations
@@ -22,6 +35,10 @@ from collections.abc import Mapping
 import numpy as np
 
 LAYOUTS = ("qiuzh20", "qwen3_next")
+FLA_LAYERS = ("gla", "gated_deltanet", "deltanet", "retnet", "hgrn2")
+_FLA_PROJECTIONS = {"hgrn2": ("q", "f", "i")}  # default: q, k, v
+_FLA_CONVS = {"hgrn2": ("q", "i")}  # default: q, k, v (our HGRN2 has no conv on f)
+_NORM_KEYS = ("g_norm_swish_gate.weight", "g_norm.weight", "o_norm.weight")
 
 
 def _weight(name: str, weight, out_features: int) -> np.ndarray:
@@ -107,4 +124,84 @@ def attention_params(state: Mapping[str, object], *, layout: str, num_heads: int
     if f"{norm}.weight" in state:
       scale = np.asarray(state[f"{norm}.weight"])
       params[norm] = {"scale": 1.0 + scale if layout == "qwen3_next" else scale}
+  return params
+
+
+def _array(state: Mapping[str, object], key: str, ndim: int) -> np.ndarray:
+  if key not in state:
+    raise ValueError(f"state: missing {key!r}; got keys {sorted(state)}")
+  array = np.asarray(state[key])
+  if array.ndim != ndim:
+    raise ValueError(f"{key}: got shape {array.shape}; allowed: a rank-{ndim} array")
+  return array
+
+
+def _split_heads(key: str, weight: np.ndarray, heads: int) -> np.ndarray:
+  """``(heads*D, d_model)`` -> kernel ``(d_model, heads, D)``."""
+  if weight.shape[0] % heads:
+    raise ValueError(f"{key}: got shape {weight.shape}; allowed: (heads*head_dim, d_model) with {heads} heads")
+  return heads_kernel(key, weight, heads, weight.shape[0] // heads)
+
+
+def _conv(key: str, weight: np.ndarray, heads: int) -> np.ndarray:
+  """fla ``ShortConvolution.weight`` ``(heads*D, 1, taps)`` -> our ``ShortConv`` kernel ``(taps, heads, D)``."""
+  if weight.shape[1] != 1 or weight.shape[0] % heads:
+    raise ValueError(f"{key}: got shape {weight.shape}; allowed: (heads*head_dim, 1, taps) with {heads} heads")
+  return weight[:, 0].T.reshape(weight.shape[2], heads, weight.shape[0] // heads)
+
+
+def fla_params(state: Mapping[str, object], *, kind: str, num_heads: int, num_kv_heads: int | None = None,
+               num_v_heads: int | None = None) -> dict:
+  """Our mixer's ``params`` tree from one fla layer's PyTorch ``state_dict`` (see the module docstring).
+
+  Args:
+    state: parameter name -> array (``np.asarray``-able, e.g. ``tensor.detach().numpy()``).
+    kind: one of ``FLA_LAYERS``.
+    num_heads: query heads ``H`` (HGRN2: ``hidden_size // expand_ratio``).
+    num_kv_heads: key/value heads of a GQA ``"gla"`` / ``"retnet"`` layer (None: ``H``).
+    num_v_heads: value heads of a ``"gated_deltanet"`` layer with GVA (None: ``H``).
+  Returns:
+    A nested dict of numpy arrays for ``layer.apply({"params": ...}, x)``.
+  """
+  if kind not in FLA_LAYERS:
+    raise ValueError(f"kind: got {kind!r}; allowed: {', '.join(map(repr, FLA_LAYERS))}")
+  if num_kv_heads is not None and kind not in ("gla", "retnet"):
+    raise ValueError(f"num_kv_heads: got {num_kv_heads!r}; allowed: None for {kind!r} (gla and retnet have it)")
+  if num_v_heads is not None and kind != "gated_deltanet":
+    raise ValueError(f"num_v_heads: got {num_v_heads!r}; allowed: None for {kind!r} (gated_deltanet has it)")
+  if "f_conv1d.weight" in state:
+    raise ValueError("state: has 'f_conv1d.weight'; allowed: an HGRN2 layer without short convs on its forget "
+                     "gate (ours has none)")
+  kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  v_heads = num_v_heads if num_v_heads is not None else kv_heads
+  out_heads = v_heads if kind == "gated_deltanet" else num_heads  # output gate, norm and o_proj
+  heads = {"q": num_heads, "f": num_heads, "i": num_heads, "k": kv_heads, "v": v_heads, "g": out_heads}
+  params: dict = {}
+  for name in (*_FLA_PROJECTIONS.get(kind, ("q", "k", "v")), "g"):
+    key = f"{name}_proj.weight"
+    if name != "g" or key in state:
+      params[f"{name}_proj"] = {"kernel": _split_heads(key, _array(state, key, 2), heads[name])}
+  for name in _FLA_CONVS.get(kind, ("q", "k", "v")):
+    key = f"{name}_conv1d"
+    if f"{key}.weight" in state:
+      kernel = _conv(f"{key}.weight", _array(state, f"{key}.weight", 3), heads[name])
+      params[f"{name}_conv"] = {"kernel": kernel}
+      if f"{key}.bias" in state:
+        params[f"{name}_conv"]["bias"] = _array(state, f"{key}.bias", 1).reshape(kernel.shape[1:])
+  out = _array(state, "o_proj.weight", 2)
+  params["o_proj"] = {"kernel": out_kernel(out, out_heads, out.shape[1] // out_heads)}
+  norm_key = next((k for k in _NORM_KEYS if k in state), None)
+  if norm_key is None:
+    raise ValueError(f"state: missing the output norm (one of {', '.join(_NORM_KEYS)})")
+  params["o_norm"] = {"scale": _array(state, norm_key, 1)}
+  if kind == "gla":
+    params["gk_down_proj"] = {"kernel": _array(state, "gk_proj.0.weight", 2).T}
+    up = _array(state, "gk_proj.1.weight", 2)
+    params["gk_proj"] = {"kernel": up.T.reshape(up.shape[1], kv_heads, up.shape[0] // kv_heads),
+                         "bias": _array(state, "gk_proj.1.bias", 1).reshape(kv_heads, up.shape[0] // kv_heads)}
+  for name in ("a", "b"):
+    if kind in ("deltanet", "gated_deltanet") and f"{name}_proj.weight" in state:
+      params[f"{name}_proj"] = {"kernel": _array(state, f"{name}_proj.weight", 2).T}
+  if kind == "gated_deltanet":
+    params["A_log"], params["dt_bias"] = _array(state, "A_log", 1), _array(state, "dt_bias", 1)
   return params

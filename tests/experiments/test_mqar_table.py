@@ -1,4 +1,7 @@
-"""Tests for the MQAR table (experiments/tables/mqar.py) and its config (experiments/configs/mqar.py)."""
+"""Tests for the MQAR table (experiments/tables/mqar.py), its config (experiments/configs/mqar.py) and the
+vmapped learning-rate sweep (experiments/tables/_lr_sweep.py)."""
+
+import json
 
 import pytest
 
@@ -7,58 +10,88 @@ from experiments import tables
 from experiments.configs import mqar as mqar_config
 from experiments.tables import common, mqar
 
+# Recurrent state in floats at width d (the table's mixers): GLA d²/4, linear attention and DeltaNet d²/2,
+# Gated DeltaNet d²; attention's KV cache 2 L d.
+STATE_FACTOR = {"gla": 0.25, "linear_attention": 0.5, "deltanet": 0.5, "gated_deltanet": 1.0, "base_conv": 0.0}
 
-def _means(accuracy_by_mixer, scale="tiny"):
-  return {p.name: {"accuracy": accuracy_by_mixer.get(p.mixer, 0.5)} for p in mqar.grid(scale)}
+
+def _means(accuracy, scale="tiny"):
+  """Synthetic means: ``accuracy[mixer]`` is a number or a ``d_model -> accuracy`` dict."""
+  means = {}
+  for p in mqar.grid(scale):
+    acc = accuracy.get(p.mixer, 0.5)
+    state = 2 * p.seq_len * p.d_model if p.mixer == "attention" else STATE_FACTOR[p.mixer] * p.d_model ** 2
+    means[p.name] = {"accuracy": acc[p.d_model] if isinstance(acc, dict) else acc, "state_bytes": 4 * state}
+  return means
 
 
 def test_registered_and_grid():
-  assert tables.get("mqar") is mqar.TABLE
-  tiny = mqar.TABLE.run_variants("tiny")
+  assert tables.get("mqar") is mqar.TABLE and mqar.TABLE.default_seeds == 3
   sweep = mqar_config.SWEEPS["tiny"]
-  assert len(tiny) == len(mqar.MIXERS) * len(sweep.tasks) * len(sweep.widths) * len(sweep.lrs)
+  assert sweep.tasks[0][1] >= 8 and len(sweep.lrs) >= 2 and sweep.num_train_examples is None  # fresh data
+  assert len(mqar.TABLE.run_variants("tiny")) == len(mqar.MIXERS) * len(sweep.tasks) * len(sweep.widths)
   paper = mqar.grid("paper")
-  assert {p.d_model for p in paper} == {64, 128, 256, 512} and len({p.lr for p in paper}) == 4
+  assert {p.d_model for p in paper} == {64, 128, 256, 512} and len(mqar_config.SWEEPS["paper"].lrs) == 4
   with pytest.raises(ValueError, match="scale"):
     mqar.TABLE.run_variants("huge")
 
 
 def test_config_of_a_point():
-  point = mqar.grid("small")[-1]
+  point = [p for p in mqar.grid("small") if p.mixer == "gated_deltanet"][-1]
   config = mqar.TABLE.config("small", point.name)
-  assert config.model.mlp == "none" and config.model.num_layers == 2
-  assert config.model.d_model == point.d_model and config.optim.lr == point.lr
+  assert config.model.mixer == ("base_conv", "gated_deltanet") and config.model.num_layers == 2  # Zoology
+  assert config.model.mlp == "none" and config.model.d_model == point.d_model
+  assert tuple(config.optim.lr_sweep) == mqar_config.SWEEPS["small"].lrs
   assert config.data.name == "mqar" and config.data.seq_len == point.seq_len == config.model.max_len
   assert config.data.vocab_size == config.model.vocab_size == 8192
   assert config.train.steps == round(16 * 100_000 / 512)
+  tiny = mqar.TABLE.config("tiny", mqar.grid("tiny")[0].name)
+  assert tiny.data.num_train_examples == tiny.train.steps * tiny.data.batch_size  # fresh examples every step
   with pytest.raises(ValueError, match="variant"):
     mqar.TABLE.config("tiny", "nope")
 
 
-def test_best_over_lr_and_claims():
-  means = {p.name: {"accuracy": 0.2 + 0.1 * i} for i, p in enumerate(mqar.grid("small")) if p.mixer == "gla"}
-  best = mqar.best_over_lr(means)
-  assert set(best) == {("gla", 128, d) for d in (64, 128, 256)}
-  per_width = {d: max(v["accuracy"] for n, v in means.items() if mqar._POINTS[n].d_model == d)
-               for d in (64, 128, 256)}
-  assert all(best[("gla", 128, d)] == per_width[d] for d in per_width)
-  ordered = dict(attention=1.0, deltanet=0.9, gated_deltanet=0.95, gla=0.8, linear_attention=0.6)
-  assert mqar._attention_near_one(_means(ordered))
+def test_claims_on_synthetic_means():
+  ordered = dict(attention=1.0, gated_deltanet={32: 0.6, 64: 0.9, 128: 0.97},
+                 deltanet={32: 0.5, 64: 0.8, 128: 0.95}, gla={32: 0.3, 64: 0.5, 128: 0.8},
+                 linear_attention={32: 0.2, 64: 0.4, 128: 0.6})
+  assert mqar._attention_solves(_means(ordered))
+  assert mqar._attention_above_recurrent(_means(ordered))
   assert mqar._delta_above_gla_above_linear(_means(ordered))
-  assert not mqar._attention_near_one(_means({**ordered, "attention": 0.5}))
-  assert not mqar._delta_above_gla_above_linear(_means({**ordered, "gla": 0.5}))
-  runs = [{"variant": n, "seed": 0, "metrics": {"accuracy": 0.3}} for n in mqar.TABLE.run_variants("micro")]
-  verdicts = common.judge(mqar.TABLE, runs)
-  assert verdicts["attention"].startswith("did not hold") and verdicts["delta>gla>linear"].startswith("not judged")
+  assert mqar._rises_with_state(_means(ordered))
+  assert not mqar._attention_solves(_means({**ordered, "attention": 0.9}))
+  assert not mqar._attention_above_recurrent(_means({**ordered, "attention": {32: 1.0, 64: 0.85, 128: 1.0}}))
+  assert not mqar._rises_with_state(_means({**ordered, "gla": {32: 0.3, 64: 0.5, 128: 0.45}}))
+  assert mqar._rises_with_state(_means({**ordered, "gla": {32: 0.3, 64: 0.99, 128: 0.98}}))  # saturated
+
+
+def test_orderings_are_judged_at_equal_state_not_equal_width():
+  """Linear attention is ahead of GLA at every width, but GLA's state is half as large: at equal state
+  (log-linear interpolation between widths) GLA is ahead everywhere."""
+  means = _means(dict(gla={32: 0.1, 64: 0.32, 128: 0.55}, linear_attention={32: 0.2, 64: 0.35, 128: 0.6}))
+  assert mqar.at_least_at_equal_state(means, "gla", "linear_attention")
+  assert not mqar.at_least_at_equal_state(means, "linear_attention", "gla")
+  with pytest.raises(KeyError):
+    mqar.at_least_at_equal_state({}, "gla", "linear_attention")
 
 
 def test_micro_run_writes_files_and_verdicts(tmp_path, capsys):
-  assert cli.main(["reproduce", "mqar", "--scale", "micro", "--out", str(tmp_path)]) == 0
+  assert cli.main(["reproduce", "mqar", "--scale", "micro", "--seeds", "2", "--out", str(tmp_path)]) == 0
   out_dir = tmp_path / "mqar"
   for name in ("table.md", "table.csv", "runs.jsonl", "plot.png", "summary.md", "accuracy_vs_state.png"):
     assert (out_dir / name).stat().st_size > 0, name
   printed = capsys.readouterr().out
-  assert "attention" in printed and ("held" in printed or "did not hold" in printed)
   assert "best accuracy over learning rates vs width and recurrent-state size" in printed
+  runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+  assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+      (p.name, s) for p in mqar.grid("micro") for s in range(2))
+  state = {mqar._POINTS[r["variant"]].mixer: r["metrics"]["state_bytes"] for r in runs}
+  # GLA at d16, 2 heads: K = 16 * 0.5 / 2 = 4, V = 8 -> 2 * 4 * 8 float32; attention: K and V caches of L=32.
+  assert state == {"gla": 2 * 4 * 8 * 4, "attention": 2 * 32 * 16 * 4}
+  for run in runs:
+    lrs = mqar_config.SWEEPS["micro"].lrs
+    per_lr = [run["metrics"][f"accuracy_lr{lr:g}"] for lr in lrs]
+    assert run["metrics"]["accuracy"] == max(per_lr) and run["metrics"]["best_lr"] in lrs
+    assert len(run["history"]) == mqar_config.SWEEPS["micro"].steps_fresh  # log_every 1 at 8 steps
   summary = (out_dir / "summary.md").read_text()
-  assert "| attention | 32 / 2 | 32 |" in summary and "| gla | 32 / 2 | 32 |" in summary
+  assert "| attention | 32 / 2 | 16 |" in summary and "| gla | 32 / 2 | 16 |" in summary

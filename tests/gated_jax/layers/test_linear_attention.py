@@ -24,12 +24,12 @@ B, T, D, H = 2, 13, 32, 2
 CHUNK = 4
 CAUSAL = {
     "linear_attention": dict(feature_map="elu_plus_one", use_short_conv=True, qk_norm="l2"),
-    "retnet": {},
+    "retnet": dict(num_kv_heads=1),  # RoPE positions in packed rows and across decode steps, GQA
     "lightning": dict(layer_idx=1, num_layers=3),
-    "gla": dict(use_short_conv=True),
-    "hgrn2": dict(lower_bound=0.3),
+    "gla": dict(use_short_conv=True, conv_bias=True, num_kv_heads=1),
+    "hgrn2": dict(lower_bound=0.3),  # the all-heads output norm
     "deltanet": dict(output_gate="swish", allow_neg_eigval=True),  # gated_deltanet covers beta in (0, 1)
-    "gated_deltanet": {},
+    "gated_deltanet": dict(num_v_heads=4),  # separate value heads
     "mlstm": dict(igate_bias_init=0.0),
     "gsa": dict(num_slots=3),
 }
@@ -167,6 +167,21 @@ def test_mlstm_prefix_ignores_later_large_input_gates():
   np.testing.assert_allclose(cell_output(x[:, :PREFILL]), full[:, :PREFILL], **TOL)
 
 
+def test_fla_initialisation_by_default():
+  """Every projection and short-conv kernel starts at N(0, 0.02) (fla's models); ``init_std=None`` restores
+  LeCun-normal projections and PyTorch-default conv kernels."""
+  x = jnp.zeros((1, 4, 64))
+  fla = nn.meta.unbox(jax.jit(MIXERS.get("gla")(d_model=64, num_heads=2, use_short_conv=True).init)(
+      jax.random.PRNGKey(0), x)["params"])
+  for name in ("q_proj", "g_proj", "o_proj", "gk_down_proj", "q_conv"):
+    assert abs(float(jnp.std(fla[name]["kernel"])) - 0.02) < 0.003, name
+  assert float(jnp.max(jnp.abs(fla["gk_proj"]["bias"]))) == 0.0
+  lecun = nn.meta.unbox(jax.jit(MIXERS.get("gla")(d_model=64, num_heads=2, use_short_conv=True, init_std=None).init)(
+      jax.random.PRNGKey(0), x)["params"])
+  assert abs(float(jnp.std(lecun["q_proj"]["kernel"])) - 64 ** -0.5) < 0.02
+  assert float(jnp.max(jnp.abs(lecun["q_conv"]["kernel"]))) > 0.1  # U(-1/2, 1/2): far wider than N(0, 0.02)
+
+
 def test_retnet_and_lightning_decays():
   np.testing.assert_allclose(np.exp(RetNet(d_model=16, num_heads=4).log_gamma()),
                              [1 - 2.0 ** -5, 1 - 2.0 ** -6, 1 - 2.0 ** -7, 1 - 2.0 ** -8])
@@ -177,7 +192,8 @@ def test_retnet_and_lightning_decays():
 
 COMMON_BAD = [dict(num_heads=0), dict(expand_k=0.3), dict(expand_v=-1.0), dict(feature_map="cosine"),
               dict(output_gate="tanh"), dict(conv_size=0), dict(qk_norm="yes"), dict(use_short_conv=1),
-              dict(implementation="fast"), dict(implementation=()), dict(chunk_size=0), dict(norm_eps=0.0)]
+              dict(implementation="fast"), dict(implementation=()), dict(chunk_size=0), dict(norm_eps=0.0),
+              dict(norm_scope="group"), dict(init_std=0.0), dict(conv_bias=None)]
 SPECIFIC_BAD = [
     ("lightning", dict(layer_idx=3, num_layers=3), "layer_idx"),
     ("lightning", dict(num_layers=0), "num_layers"),
@@ -185,6 +201,13 @@ SPECIFIC_BAD = [
     ("gla", dict(gate_logit_normalizer=-16.0), "gate_logit_normalizer"),
     ("gla", dict(clamp_min=0.5), "clamp_min"),
     ("gla", dict(bidirectional="both"), "bidirectional"),
+    ("gla", dict(num_kv_heads=3), "num_kv_heads"),
+    ("retnet", dict(rope="yes"), "rope"),
+    ("retnet", dict(rope_base=1.0), "rope_base"),
+    ("hgrn2", dict(num_kv_heads=1), "num_kv_heads"),
+    ("deltanet", dict(use_beta=1), "use_beta"),
+    ("deltanet", dict(num_kv_heads=1), "num_kv_heads"),
+    ("gated_deltanet", dict(num_v_heads=3), "num_v_heads"),
     ("hgrn2", dict(lower_bound=1.0), "lower_bound"),
     ("deltanet", dict(allow_neg_eigval=None), "allow_neg_eigval"),
     ("gated_deltanet", dict(head_dim=0), "head_dim"),

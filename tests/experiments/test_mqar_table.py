@@ -15,7 +15,7 @@ from experiments.tables import common, mqar
 STATE_FACTOR = {"gla": 0.25, "linear_attention": 0.5, "deltanet": 0.5, "gated_deltanet": 1.0, "base_conv": 0.0}
 
 
-def _means(accuracy, scale="tiny"):
+def _means(accuracy, scale="small"):  # widths 64, 128, 256
   """Synthetic means: ``accuracy[mixer]`` is a number or a ``d_model -> accuracy`` dict."""
   means = {}
   for p in mqar.grid(scale):
@@ -52,23 +52,23 @@ def test_config_of_a_point():
 
 
 def test_claims_on_synthetic_means():
-  ordered = dict(attention=1.0, gated_deltanet={32: 0.6, 64: 0.9, 128: 0.97},
-                 deltanet={32: 0.5, 64: 0.8, 128: 0.95}, gla={32: 0.3, 64: 0.5, 128: 0.8},
-                 linear_attention={32: 0.2, 64: 0.4, 128: 0.6})
+  ordered = dict(attention=1.0, gated_deltanet={64: 0.6, 128: 0.9, 256: 0.97},
+                 deltanet={64: 0.5, 128: 0.8, 256: 0.95}, gla={64: 0.3, 128: 0.5, 256: 0.8},
+                 linear_attention={64: 0.2, 128: 0.4, 256: 0.6})
   assert mqar._attention_solves(_means(ordered))
   assert mqar._attention_above_recurrent(_means(ordered))
   assert mqar._delta_above_gla_above_linear(_means(ordered))
   assert mqar._rises_with_state(_means(ordered))
   assert not mqar._attention_solves(_means({**ordered, "attention": 0.9}))
-  assert not mqar._attention_above_recurrent(_means({**ordered, "attention": {32: 1.0, 64: 0.85, 128: 1.0}}))
-  assert not mqar._rises_with_state(_means({**ordered, "gla": {32: 0.3, 64: 0.5, 128: 0.45}}))
-  assert mqar._rises_with_state(_means({**ordered, "gla": {32: 0.3, 64: 0.99, 128: 0.98}}))  # saturated
+  assert not mqar._attention_above_recurrent(_means({**ordered, "attention": {64: 1.0, 128: 0.85, 256: 1.0}}))
+  assert not mqar._rises_with_state(_means({**ordered, "gla": {64: 0.3, 128: 0.5, 256: 0.45}}))
+  assert mqar._rises_with_state(_means({**ordered, "gla": {64: 0.3, 128: 0.99, 256: 0.98}}))  # saturated
 
 
 def test_orderings_are_judged_at_equal_state_not_equal_width():
   """Linear attention is ahead of GLA at every width, but GLA's state is half as large: at equal state
   (log-linear interpolation between widths) GLA is ahead everywhere."""
-  means = _means(dict(gla={32: 0.1, 64: 0.32, 128: 0.55}, linear_attention={32: 0.2, 64: 0.35, 128: 0.6}))
+  means = _means(dict(gla={64: 0.1, 128: 0.32, 256: 0.55}, linear_attention={64: 0.2, 128: 0.35, 256: 0.6}))
   assert mqar.at_least_at_equal_state(means, "gla", "linear_attention")
   assert not mqar.at_least_at_equal_state(means, "linear_attention", "gla")
   with pytest.raises(KeyError):

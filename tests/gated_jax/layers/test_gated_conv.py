@@ -45,7 +45,7 @@ def numpy_gated_conv(p, x, gate):
 
 
 def init_params(layer):
-  params = nn.meta.unbox(jax.jit(layer.init)(jax.random.PRNGKey(1), jnp.asarray(X))["params"])
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), jnp.asarray(X))["params"])
   # Spread every parameter so that biases and both factors matter.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
@@ -65,7 +65,7 @@ def test_gated_conv_gates_match_numpy():
     layer = MIXERS.get("gated_conv")(d_model=D, num_heads=1, gate=gate, kernel_size=3)
     params = init_params(layer)
     expected = numpy_gated_conv(jax.tree.map(np.asarray, params), X, gate)
-    got = jax.jit(layer.apply)({"params": params}, jnp.asarray(X))
+    got = layer.apply({"params": params}, jnp.asarray(X))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=gate)
 
 
@@ -83,12 +83,11 @@ def test_default_inits():
 def test_decode_segments_and_causality(name, kwargs):
   layer = MIXERS.get(name)(d_model=D, num_heads=1, **kwargs)
   x = jnp.asarray(X)
-  variables = jax.jit(functools.partial(layer.init, decode=True))(jax.random.PRNGKey(1), x)
+  variables = layer.init(jax.random.PRNGKey(1), x, decode=True)  # eager: cheaper than compiling at this size
   params = variables["params"]
-  apply = jax.jit(layer.apply)
+  apply = layer.apply
   full = apply({"params": params}, x)
-  step = jax.jit(lambda cache, chunk: layer.apply({"params": params, "cache": cache}, chunk, decode=True,
-                                                  mutable=["cache"]))
+  step = lambda cache, chunk: layer.apply({"params": params, "cache": cache}, chunk, decode=True, mutable=["cache"])
   cache, outs = variables["cache"], []
   for start, stop in [(0, 4)] + [(t, t + 1) for t in range(4, T)]:
     y, updates = step(cache, x[:, start:stop])

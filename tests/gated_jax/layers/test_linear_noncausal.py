@@ -23,7 +23,7 @@ def log_sigmoid(x):
   return -np.logaddexp(0.0, -x)
 
 
-def head_rms_norm(o_BTHV, scale_V, eps=1e-6):
+def head_rms_norm(o_BTHV, scale_V, eps=1e-5):  # the mixers' norm_eps (fla's 1e-5)
   return o_BTHV / np.sqrt(np.mean(o_BTHV ** 2, axis=-1, keepdims=True) + eps) * scale_V
 
 
@@ -71,8 +71,9 @@ def lina_formula(p, x):
 
 
 @pytest.mark.parametrize("name, kwargs, formula", [
-    ("gla", dict(bidirectional=True), vig_formula),
-    ("lina", dict(max_len=T + 2), lina_formula),
+    # LeCun-normal init (init_std=None): fla's N(0, 0.02) makes outputs too small to test sharply
+    ("gla", dict(bidirectional=True, init_std=None), vig_formula),
+    ("lina", dict(max_len=T + 2, init_std=None), lina_formula),
 ])
 def test_matches_direct_formula_and_sees_the_future(name, kwargs, formula):
   apply, params, x, y = setup(name, **kwargs)

@@ -101,11 +101,10 @@ def _min_max(x_BN, block: int, fill):
 
 def _range(nonempty, axis: int):
   """First index and one past the last index of True along ``axis`` (0, 0 where none)."""
-  size = nonempty.shape[axis]
-  has = nonempty.any(axis)
-  lo = jnp.argmax(nonempty, axis)
-  hi = size - jnp.argmax(jnp.flip(nonempty, axis), axis)
-  return jnp.where(has, lo, 0).astype(jnp.int32), jnp.where(has, hi, 0).astype(jnp.int32)
+  index = jax.lax.broadcasted_iota(jnp.int32, nonempty.shape, axis)
+  lo = jnp.min(jnp.where(nonempty, index, nonempty.shape[axis]), axis)
+  hi = jnp.max(jnp.where(nonempty, index + 1, 0), axis)
+  return jnp.where(hi > 0, lo, 0), hi
 
 
 def block_meta(mask: masking.Mask, seq: int, num_keys: int, block_q: int, block_kv: int) -> BlockMeta:
@@ -143,10 +142,9 @@ def block_meta(mask: masking.Mask, seq: int, num_keys: int, block_q: int, block_
 def batch_union(meta: BlockMeta) -> BlockMeta:
   """One set of classes and ranges valid for every batch row (for passes that tile all rows at once): full
   where all rows are full, empty where all are empty, ranges covering every row's."""
-  classes = meta.classes
-  union = jnp.where(jnp.all(classes == FULL, 0), FULL, jnp.where(jnp.all(classes == EMPTY, 0), EMPTY, PARTIAL))
-  some = (union != EMPTY)[None]
-  return BlockMeta(union[None].astype(jnp.int32), *_range(some, 2), *_range(some, 1))
+  least, most = meta.classes.min(0, keepdims=True), meta.classes.max(0, keepdims=True)  # EMPTY < PARTIAL < FULL
+  union = jnp.where(least == FULL, FULL, jnp.where(most == EMPTY, EMPTY, PARTIAL)).astype(jnp.int32)
+  return BlockMeta(union, *_range(most > EMPTY, 2), *_range(most > EMPTY, 1))
 
 
 def by_class(classes, step, carry):

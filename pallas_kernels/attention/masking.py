@@ -63,7 +63,8 @@ def visible(pos, key, q_seg, kv_seg, key_ok, *, causal: bool, window: int | None
     vis = vis & (q_seg == kv_seg)
   if key_ok is not None:
     vis = vis & key_ok
-  return vis
+  shapes = [jnp.shape(x) for x in (pos, key, q_seg, kv_seg, key_ok) if x is not None]
+  return jnp.broadcast_to(vis, jnp.broadcast_shapes(*shapes))
 
 
 def rows(x_BR):

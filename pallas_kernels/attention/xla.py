@@ -118,6 +118,13 @@ class _KeyBlocks(NamedTuple):
     return k_j, v_j, j * self.block + jnp.arange(self.block, dtype=jnp.int32), seg_j, ok_j
 
 
+def _at(x, *index):
+  """``x[index]`` for loop indices: a dynamic index without jnp's negative-index handling."""
+  for i in index:
+    x = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+  return x
+
+
 def _visible(config: _Config, keys: _KeyBlocks, pos, q_seg, key_idx, kv_seg, key_ok):
   return masking.visible(pos, key_idx, q_seg, kv_seg, key_ok, causal=config.causal, window=config.window,
                          num_keys=keys.num_keys)
@@ -129,8 +136,8 @@ def _key_loop(config: _Config, meta, keys: _KeyBlocks, qi, pos, q_seg, init, ste
     k_j, v_j, key_idx, kv_seg, key_ok = keys.take(j)
     run = lambda c, masked: step(c, j, k_j, v_j, _visible(config, keys, pos, q_seg, key_idx, kv_seg, key_ok)
                                  if masked else None)
-    return _blocks.by_class(meta.classes[0, qi, j], run, carry)
-  return jax.lax.fori_loop(meta.kv_lo[0, qi], meta.kv_hi[0, qi], body, init)
+    return _blocks.by_class(_at(meta.classes[0], qi, j), run, carry)
+  return jax.lax.fori_loop(_at(meta.kv_lo[0], qi), _at(meta.kv_hi[0], qi), body, init)
 
 
 def _forward(config: _Config, q, k, v, mask: masking.Mask):
@@ -191,28 +198,29 @@ def _blockwise_bwd(config, residuals, do):
     delta_t = cut(jnp.sum(do.astype(jnp.float32) * o, axis=-1, keepdims=True))
   else:
     delta_t = None
-  pick = lambda x, i: None if x is None else x[i]
+  pick = lambda x, i: None if x is None else _at(x, i)
 
   def key_block(dq_t, j):
     k_j, v_j, key_idx, kv_seg, key_ok = keys.take(j)
 
     def body(i, carry):
       dq_t, dk_j, dv_j = carry
-      q_i, do_i = q_t[i], do_t[i]
+      q_i, do_i = _at(q_t, i), _at(do_t, i)
 
       def tile(_, masked):
-        vis = _visible(config, keys, pos_t[i], pick(seg_t, i), key_idx, kv_seg, key_ok) if masked else None
+        vis = _visible(config, keys, _at(pos_t, i), pick(seg_t, i), key_idx, kv_seg, key_ok) if masked else None
         p, ds = _tile.backward_step(norm, _tile.mm_nt(q_i, k_j), vis, pick(m_t, i), pick(z_t, i),
                                     _tile.mm_nt(do_i, v_j), pick(delta_t, i))
         return _tile.mm_tn(ds, q_i), _tile.mm_tn(p, do_i), _tile.mm(ds, k_j)
 
       zeros = (jnp.zeros(dk_j.shape, jnp.float32), jnp.zeros(dv_j.shape, jnp.float32),
                jnp.zeros(q_i.shape, jnp.float32))
-      dk_add, dv_add, dq_add = _blocks.by_class(meta.classes[0, i, j], tile, zeros)
-      return dq_t.at[i].add(dq_add), dk_j + dk_add, dv_j + dv_add
+      dk_add, dv_add, dq_add = _blocks.by_class(_at(meta.classes[0], i, j), tile, zeros)
+      dq_t = jax.lax.dynamic_update_index_in_dim(dq_t, _at(dq_t, i) + dq_add, i, 0)
+      return dq_t, dk_j + dk_add, dv_j + dv_add
 
     init = (dq_t, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
-    dq_t, dk_j, dv_j = jax.lax.fori_loop(meta.q_lo[0, j], meta.q_hi[0, j], body, init)
+    dq_t, dk_j, dv_j = jax.lax.fori_loop(_at(meta.q_lo[0], j), _at(meta.q_hi[0], j), body, init)
     return dq_t, (dk_j, dv_j)
 
   dq_t, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_t.shape, jnp.float32), jnp.arange(keys.count))

@@ -52,11 +52,13 @@ class BlockSizes:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"block_sizes.{field.name}: got {value!r}; allowed: a positive int or None (default)")
 
-  def resolve(self, defaults: BlockSizes, seq: int, num_keys: int, fit=min) -> BlockSizes:
+  def resolve(self, defaults: BlockSizes, seq: int, num_keys: int, fit=None) -> BlockSizes:
     """Fills unset fields from ``defaults`` (which has every field set) and fits each to the length it tiles
-    with ``fit(block, length)`` (default: at most the length, so a short sequence is one tile)."""
-    return BlockSizes(*(fit(given or default, length) for given, default, length in zip(
-        dataclasses.astuple(self), dataclasses.astuple(defaults), (seq, num_keys, seq, num_keys))))
+    with ``fit(block, length, field)`` (default: at most the length, so a short sequence is one tile)."""
+    fit = fit or (lambda block, length, field: min(block, length))
+    return BlockSizes(*(fit(given or default, length, field.name) for given, default, length, field in zip(
+        dataclasses.astuple(self), dataclasses.astuple(defaults), (seq, num_keys, seq, num_keys),
+        dataclasses.fields(self))))
 
 
 def check_block_sizes(blocks: BlockSizes, implementation: str, rule, allowed: str,

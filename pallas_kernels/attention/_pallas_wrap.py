@@ -46,7 +46,7 @@ class Backend:
     backward_dq: ``(config, inputs: dict, aux) -> dq`` ``(B, H, T', D')`` float32.
     backward_dkv: ``(config, inputs: dict, aux) -> (dk, dv)`` float32.
     default_blocks: ``head_dim -> BlockSizes`` for the current device (every field set).
-    fit: ``(block, length) -> block`` used when the sequence is shorter than the block.
+    fit: ``(block, length, field) -> block`` used when the sequence is shorter than the block.
     check_blocks: raises ValueError naming a field of the resolved block sizes the backend cannot take.
     pad_dim: head dim -> the padded head dim the kernels see.
   """
@@ -55,7 +55,7 @@ class Backend:
   backward_dq: Callable
   backward_dkv: Callable
   default_blocks: Callable[[int], BlockSizes]
-  fit: Callable[[int, int], int]
+  fit: Callable[[int, int, str], int]
   check_blocks: Callable[[BlockSizes], None]
   pad_dim: Callable[[int], int]
 

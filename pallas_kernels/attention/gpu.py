@@ -58,7 +58,8 @@ def _power_of_two(n: int) -> int:
   return max(_MIN_BLOCK, 1 << (n - 1).bit_length())
 
 
-def _fit(block: int, length: int) -> int:
+def _fit(block: int, length: int, field: str) -> int:
+  del field
   return min(block, _power_of_two(length))
 
 
@@ -119,6 +120,27 @@ def _key_tile(ins: dict, start, block_kv: int):
   return ins["k"][cut, :], ins["v"][cut, :], load("kv_seg"), load("key_ok")
 
 
+def _key_loop(config: _pallas_wrap.Config, ins: dict, block_q: int, block_kv: int, tile, init):
+  """The key loop of a query-major program (forward, ``dq``): ``tile(carry, k, v, vis)`` over the key blocks of
+  the program's range, by tile class (``vis`` None on a full tile)."""
+  i, b = pl.program_id(0), pl.program_id(1)
+  offset = ins["offset"][b]
+  q_seg = ins["q_seg"][...] if "q_seg" in ins else None
+
+  def key_block(j, carry):
+    start = pl.multiple_of(j * block_kv, block_kv)
+    k, v, kv_seg, key_ok = _key_tile(ins, start, block_kv)
+
+    def step(c, masked):
+      vis = _pallas_wrap.visibility(config, offset, i * block_q, start, block_q, block_kv, q_seg, kv_seg,
+                                    key_ok) if masked else None
+      return tile(c, k, v, vis)
+
+    return _blocks.by_class(ins["classes"][b, i, j], step, carry)
+
+  return jax.lax.fori_loop(ins["lo"][b, i], ins["hi"][b, i], key_block, init)
+
+
 def _forward(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Aux, residuals: bool) -> dict:
   norm, block_q, block_kv = config.normalizer, config.blocks.q, config.blocks.kv
   batch, heads, seq_pad, dim = inputs["q"].shape
@@ -132,22 +154,10 @@ def _forward(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Aux, r
                     for name in _pallas_wrap.row_statistics(norm)})
 
   def body(ins, outs):
-    i, b = pl.program_id(0), pl.program_id(1)
-    offset, q = ins["offset"][b], ins["q"][...]
-    q_seg = ins["q_seg"][...] if "q_seg" in ins else None
-
-    def key_block(j, state):
-      start = pl.multiple_of(j * block_kv, block_kv)
-      k, v, kv_seg, key_ok = _key_tile(ins, start, block_kv)
-
-      def step(st, masked):
-        vis = _pallas_wrap.visibility(config, offset, i * block_q, start, block_q, block_kv, q_seg, kv_seg,
-                                      key_ok) if masked else None
-        return _tile.forward_step(norm, st, _tile.mm_nt(q, k), vis, v)
-
-      return _blocks.by_class(ins["classes"][b, i, j], step, state)
-
-    state = jax.lax.fori_loop(ins["lo"][b, i], ins["hi"][b, i], key_block, _tile.init(norm, (block_q,), value_dim))
+    q = ins["q"][...]
+    state = _key_loop(config, ins, block_q, block_kv,
+                      lambda st, k, v, vis: _tile.forward_step(norm, st, _tile.mm_nt(q, k), vis, v),
+                      _tile.init(norm, (block_q,), value_dim))
     _pallas_wrap.epilogue(config, state, ins["gate"][...] if "gate" in ins else None, outs)
 
   inputs = {**_with_masks(inputs, aux), **_metadata(aux, aux.meta, "kv")}
@@ -167,25 +177,14 @@ def _backward_dq(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Au
   num_q = aux.meta_bwd.classes.shape[1]
 
   def body(ins, outs):
-    i, b = pl.program_id(0), pl.program_id(1)
-    offset, q, do = ins["offset"][b], ins["q"][...], ins["do"][...]
+    q, do = ins["q"][...], ins["do"][...]
     m, z, delta = _statistics(ins, Ellipsis)
-    q_seg = ins["q_seg"][...] if "q_seg" in ins else None
 
-    def key_block(j, dq):
-      start = pl.multiple_of(j * block_kv, block_kv)
-      k, v, kv_seg, key_ok = _key_tile(ins, start, block_kv)
+    def tile(dq, k, v, vis):
+      _, ds = _pallas_wrap.grad_tile(config, q, k, v, do, m, z, delta, vis)
+      return dq + _tile.mm(ds, k)
 
-      def step(acc, masked):
-        vis = _pallas_wrap.visibility(config, offset, i * block_q, start, block_q, block_kv, q_seg, kv_seg,
-                                      key_ok) if masked else None
-        _, ds = _pallas_wrap.grad_tile(config, q, k, v, do, m, z, delta, vis)
-        return acc + _tile.mm(ds, k)
-
-      return _blocks.by_class(ins["classes"][b, i, j], step, dq)
-
-    outs["dq"][...] = jax.lax.fori_loop(ins["lo"][b, i], ins["hi"][b, i], key_block,
-                                        jnp.zeros((block_q, dim), jnp.float32))
+    outs["dq"][...] = _key_loop(config, ins, block_q, block_kv, tile, jnp.zeros((block_q, dim), jnp.float32))
 
   inputs = {**_with_masks(inputs, aux), **_metadata(aux, aux.meta_bwd, "kv")}
   outputs = {"dq": jax.ShapeDtypeStruct((batch, heads, seq_pad, dim), jnp.float32)}

@@ -45,8 +45,9 @@ def _default_blocks(head_dim: int) -> BlockSizes:
   return next(blocks for key, blocks in DEFAULT_BLOCKS if key in kind)
 
 
-def _fit(block: int, length: int) -> int:
-  return min(block, _blocks.round_up(length, _SUBLANES))
+def _fit(block: int, length: int, field: str) -> int:
+  """A short sequence is one tile, rounded up to the tiling of its axis (key blocks are lanes)."""
+  return min(block, _blocks.round_up(length, _LANES if field.startswith("kv") else _SUBLANES))
 
 
 def _check_blocks(blocks: BlockSizes) -> None:

@@ -304,8 +304,9 @@ def to_markdown(result: dict) -> str:
   if result.get("block_sweep"):
     lines += [f"\n## Tile sweep (causal softmax T={RATIO['seq_len']})\n", "| implementation | block q | block kv | "
               "fwd ms | fwd+bwd ms | MiB |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['implementation']} | {r['block_q']} | {r['block_kv']} | {r['fwd_ms']:.0f} | {r['fwd_bwd_ms']:.0f} | "
-              f"{r['memory_bytes'] / 2**20:.1f} |" for r in result["block_sweep"] if r["status"] == "ok"]
+    lines += [f"| {r['implementation']} | {r['block_q']} | {r['block_kv']} | {r['fwd_ms']:.0f} | "
+              f"{r['fwd_bwd_ms']:.0f} | {r['memory_bytes'] / 2**20:.1f} |"
+              for r in result["block_sweep"] if r["status"] == "ok"]
   return "\n".join(lines) + "\n"
 
 

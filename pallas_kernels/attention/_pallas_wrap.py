@@ -171,6 +171,25 @@ def _attend_bwd(config, residuals, do):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def forward_outputs(config: Config, inputs: dict, residuals: bool) -> dict:
+  """Output shapes of a forward kernel: ``o``; with ``residuals`` also ``o_pre`` (gated calls) and the row
+  statistics of the normalizer, ``(B, H, T', 1)`` float32."""
+  batch, heads, seq_pad, _ = inputs["q"].shape
+  outputs = {"o": jax.ShapeDtypeStruct((batch, heads, seq_pad, inputs["v"].shape[3]), inputs["q"].dtype)}
+  if residuals:
+    if "gate" in inputs:
+      outputs["o_pre"] = jax.ShapeDtypeStruct(outputs["o"].shape, jnp.float32)
+    outputs.update({name: jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)
+                    for name in row_statistics(config.normalizer)})
+  return outputs
+
+
+def with_masks(inputs: dict, aux: Aux) -> dict:
+  """``inputs`` plus the segment ids and key mask that are present."""
+  masks = dict(q_seg=aux.q_seg, kv_seg=aux.kv_seg, key_ok=aux.key_ok)
+  return {**inputs, **{name: x for name, x in masks.items() if x is not None}}
+
+
 # In-kernel pieces (shared by tpu.py and gpu.py).
 
 def visibility(config: Config, offset, q_start, k_start, rows: int, cols: int, q_seg, kv_seg, key_ok):

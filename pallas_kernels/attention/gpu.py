@@ -92,11 +92,6 @@ def _metadata(aux: _pallas_wrap.Aux, meta: _blocks.BlockMeta, side: str) -> dict
   return dict(offset=aux.offset, classes=meta.classes, lo=lo, hi=hi)
 
 
-def _with_masks(inputs: dict, aux: _pallas_wrap.Aux) -> dict:
-  masks = dict(q_seg=aux.q_seg, kv_seg=aux.kv_seg, key_ok=aux.key_ok)
-  return {**inputs, **{name: x for name, x in masks.items() if x is not None}}
-
-
 def _query_major_spec(block_q: int, group: int):
   """Specs for grid ``(NQ, B, H)``: per-row arrays cut to the program's query block, per-key arrays whole
   (the program loops over them), metadata whole."""
@@ -143,15 +138,10 @@ def _key_loop(config: _pallas_wrap.Config, ins: dict, block_q: int, block_kv: in
 
 def _forward(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Aux, residuals: bool) -> dict:
   norm, block_q, block_kv = config.normalizer, config.blocks.q, config.blocks.kv
-  batch, heads, seq_pad, dim = inputs["q"].shape
+  batch, heads, _, dim = inputs["q"].shape
   value_dim = inputs["v"].shape[3]
   num_q = aux.meta.classes.shape[1]
-  outputs = {"o": jax.ShapeDtypeStruct((batch, heads, seq_pad, value_dim), inputs["q"].dtype)}
-  if residuals:
-    if "gate" in inputs:
-      outputs["o_pre"] = jax.ShapeDtypeStruct(outputs["o"].shape, jnp.float32)
-    outputs.update({name: jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)
-                    for name in _pallas_wrap.row_statistics(norm)})
+  outputs = _pallas_wrap.forward_outputs(config, inputs, residuals)
 
   def body(ins, outs):
     q = ins["q"][...]
@@ -160,7 +150,7 @@ def _forward(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Aux, r
                       _tile.init(norm, (block_q,), value_dim))
     _pallas_wrap.epilogue(config, state, ins["gate"][...] if "gate" in ins else None, outs)
 
-  inputs = {**_with_masks(inputs, aux), **_metadata(aux, aux.meta, "kv")}
+  inputs = {**_pallas_wrap.with_masks(inputs, aux), **_metadata(aux, aux.meta, "kv")}
   return _call(body, grid=(num_q, batch, heads), inputs=inputs, outputs=outputs,
                spec=_query_major_spec(block_q, config.group), params=compiler_params(dim, backward=False),
                name="attention_fwd_triton")
@@ -186,7 +176,7 @@ def _backward_dq(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Au
 
     outs["dq"][...] = _key_loop(config, ins, block_q, block_kv, tile, jnp.zeros((block_q, dim), jnp.float32))
 
-  inputs = {**_with_masks(inputs, aux), **_metadata(aux, aux.meta_bwd, "kv")}
+  inputs = {**_pallas_wrap.with_masks(inputs, aux), **_metadata(aux, aux.meta_bwd, "kv")}
   outputs = {"dq": jax.ShapeDtypeStruct((batch, heads, seq_pad, dim), jnp.float32)}
   return _call(body, grid=(num_q, batch, heads), inputs=inputs, outputs=outputs,
                spec=_query_major_spec(block_q, config.group), params=compiler_params(dim, backward=True),
@@ -238,7 +228,7 @@ def _backward_dkv(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.A
     zeros = (jnp.zeros((block_kv, dim), jnp.float32), jnp.zeros((block_kv, value_dim), jnp.float32))
     outs["dk"][...], outs["dv"][...] = jax.lax.fori_loop(0, group, query_head, zeros)
 
-  inputs = {**_with_masks(inputs, aux), **_metadata(aux, aux.meta_bwd, "q")}
+  inputs = {**_pallas_wrap.with_masks(inputs, aux), **_metadata(aux, aux.meta_bwd, "q")}
   outputs = {"dk": jax.ShapeDtypeStruct((batch, kv_heads, keys_pad, dim), jnp.float32),
              "dv": jax.ShapeDtypeStruct((batch, kv_heads, keys_pad, value_dim), jnp.float32)}
   out = _call(body, grid=(num_k, batch, kv_heads), inputs=inputs, outputs=outputs, spec=spec,

@@ -108,11 +108,6 @@ def _kv_index(group: int, num_q: int):
   return index
 
 
-def _with_masks(inputs: dict, aux: _pallas_wrap.Aux) -> dict:
-  masks = dict(q_seg=aux.q_seg, kv_seg=aux.kv_seg, key_ok=aux.key_ok)
-  return {**inputs, **{name: x for name, x in masks.items() if x is not None}}
-
-
 def _visible(config, ins, offset, q_start, k_start, rows, cols):
   load = lambda name: ins[name][...] if name in ins else None
   return _pallas_wrap.visibility(config, offset, q_start, k_start, rows, cols, load("q_seg"), load("kv_seg"),
@@ -128,16 +123,9 @@ def _when_class(classes, step):
 def _forward(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Aux, residuals: bool) -> dict:
   norm, meta = config.normalizer, aux.meta
   block_q, block_kv, group = config.blocks.q, config.blocks.kv, config.group
-  batch, heads, seq_pad, _ = inputs["q"].shape
+  batch, heads = inputs["q"].shape[:2]
   value_dim = inputs["v"].shape[3]
   num_q, num_k = meta.classes.shape[1:]
-  gated = "gate" in inputs
-  outputs = {"o": jax.ShapeDtypeStruct((batch, heads, seq_pad, value_dim), inputs["q"].dtype)}
-  if residuals:
-    if gated:
-      outputs["o_pre"] = jax.ShapeDtypeStruct(outputs["o"].shape, jnp.float32)
-    outputs.update({name: jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)
-                    for name in _pallas_wrap.row_statistics(norm)})
 
   def body(scalar_refs, ins, outs, scratch):
     off, cls = scalar_refs[:2]
@@ -155,15 +143,17 @@ def _forward(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Aux, r
       store(_tile.forward_step(norm, state(), _tile.mm_nt(ins["q"][...], ins["k"][...]), vis, ins["v"][...]))
 
     _when_class(cls[(b * num_q + i) * num_k + j], step)
-    pl.when(j == num_k - 1)(lambda: _pallas_wrap.epilogue(config, state(), ins["gate"][...] if gated else None,
-                                                         outs))
+    pl.when(j == num_k - 1)(lambda: _pallas_wrap.epilogue(config, state(), ins["gate"][...] if "gate" in ins
+                                                         else None, outs))
 
   scratch = [pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
              pltpu.VMEM((block_q, value_dim), jnp.float32)]
   return _call(body, grid=(batch, heads, num_q, num_k),
                scalars=(aux.offset, meta.classes.reshape(-1), meta.kv_lo.reshape(-1), meta.kv_hi.reshape(-1)),
-               inputs=_with_masks(inputs, aux), outputs=outputs, row_index=lambda b, h, i, j, *_: (b, h, i),
-               key_index=_kv_index(group, num_q), block_q=block_q, block_kv=block_kv, scratch=scratch,
+               inputs=_pallas_wrap.with_masks(inputs, aux),
+               outputs=_pallas_wrap.forward_outputs(config, inputs, residuals),
+               row_index=lambda b, h, i, j, *_: (b, h, i), key_index=_kv_index(group, num_q), block_q=block_q,
+               block_kv=block_kv, scratch=scratch,
                semantics=("parallel", "parallel", "parallel", "arbitrary"), name="attention_fwd_tpu")
 
 
@@ -201,8 +191,9 @@ def _backward_dq(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.Au
   outputs = {"dq": jax.ShapeDtypeStruct((batch, heads, seq_pad, dim), jnp.float32)}
   return _call(body, grid=(batch, heads, num_q, num_k),
                scalars=(aux.offset, meta.classes.reshape(-1), meta.kv_lo.reshape(-1), meta.kv_hi.reshape(-1)),
-               inputs=_with_masks(inputs, aux), outputs=outputs, row_index=lambda b, h, i, j, *_: (b, h, i),
-               key_index=_kv_index(group, num_q), block_q=block_q, block_kv=block_kv,
+               inputs=_pallas_wrap.with_masks(inputs, aux), outputs=outputs,
+               row_index=lambda b, h, i, j, *_: (b, h, i), key_index=_kv_index(group, num_q), block_q=block_q,
+               block_kv=block_kv,
                scratch=[pltpu.VMEM((block_q, dim), jnp.float32)],
                semantics=("parallel", "parallel", "parallel", "arbitrary"), name="attention_dq_tpu")["dq"]
 
@@ -244,7 +235,7 @@ def _backward_dkv(config: _pallas_wrap.Config, inputs: dict, aux: _pallas_wrap.A
              "dv": jax.ShapeDtypeStruct((batch, kv_heads, keys_pad, value_dim), jnp.float32)}
   out = _call(body, grid=(batch, kv_heads, num_k, group, num_q),
               scalars=(aux.offset, meta.classes.reshape(-1), meta.q_lo.reshape(-1), meta.q_hi.reshape(-1)),
-              inputs=_with_masks(inputs, aux), outputs=outputs, row_index=row_index,
+              inputs=_pallas_wrap.with_masks(inputs, aux), outputs=outputs, row_index=row_index,
               key_index=lambda b, kh, j, *_: (b, kh, j), block_q=block_q, block_kv=block_kv,
               scratch=[pltpu.VMEM((block_kv, dim), jnp.float32), pltpu.VMEM((block_kv, value_dim), jnp.float32)],
               semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), name="attention_dkv_tpu")

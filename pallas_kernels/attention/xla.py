@@ -15,8 +15,9 @@ blocks that see it, accumulating ``dK``/``dV`` of the key block and adding each 
 output gate into ``o`` outside the custom VJP, so autodiff differentiates them (the gate's gradient uses the
 saved un-gated output).
 
-Short sequences run as one tile per (query block, key block): with ``S <= block_sizes.kv`` the key loop has one
-step, which is the materialised computation without its ``(B, H, T, S)`` probability array.
+A call that fits one tile (``T <= block_sizes.q``, ``S <= block_sizes.kv``) runs without loops, class switch or
+block metadata: the materialised computation, whose backward recomputes the probabilities instead of saving
+them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pallas_kernels.attention._blocks import BlockSizes
 from pallas_kernels.attention.normalizers import Normalizer
 
 # Default tiles per backend (experiments/benchmarks/results/attention_cpu.md for the CPU choice).
-DEFAULT_BLOCKS = {"cpu": BlockSizes(512, 512, 512, 512), "gpu": BlockSizes(512, 512, 512, 512),
+DEFAULT_BLOCKS = {"cpu": BlockSizes(256, 256, 256, 256), "gpu": BlockSizes(512, 512, 512, 512),
                   "tpu": BlockSizes(512, 512, 512, 512)}
 
 
@@ -71,7 +72,7 @@ class _Tiles(NamedTuple):
 
   def cut(self, x_BTHF):
     batch, _, heads, feat = x_BTHF.shape
-    num = -(-self.seq // self.block)
+    num = self.count
     x = jnp.pad(x_BTHF, ((0, 0), (0, num * self.block - self.seq), (0, 0), (0, 0)))
     x = x.reshape(batch, num, self.block, heads // self.group, self.group, feat).transpose(1, 0, 3, 4, 2, 5)
     return x.reshape(num, batch, heads // self.group, self.group * self.block, feat)
@@ -80,6 +81,10 @@ class _Tiles(NamedTuple):
     num, batch, kv_heads, _, feat = x.shape
     x = x.reshape(num, batch, kv_heads, self.group, self.block, feat).transpose(1, 0, 4, 2, 3, 5)
     return x.reshape(batch, num * self.block, kv_heads * self.group, feat)[:, :self.seq]
+
+  @property
+  def count(self) -> int:
+    return -(-self.seq // self.block)
 
   def per_row(self, x_BT):
     """``(B, T)`` -> ``(NQ, B, 1, G * block, 1)`` (every head of the group has the row's value)."""
@@ -131,13 +136,30 @@ def _visible(config: _Config, keys: _KeyBlocks, pos, q_seg, key_idx, kv_seg, key
 
 
 def _key_loop(config: _Config, meta, keys: _KeyBlocks, qi, pos, q_seg, init, step):
-  """Runs ``step(carry, j, k_j, v_j, vis)`` over the key blocks query block ``qi`` sees (``vis`` None: full)."""
-  def body(j, carry):
+  """Runs ``step(carry, k_j, v_j, vis)`` over the key blocks query block ``qi`` sees (``vis`` None: full).
+  Without ``meta`` (a single tile) the one key block runs masked, with no loop."""
+  def run(j, carry, masked):
     k_j, v_j, key_idx, kv_seg, key_ok = keys.take(j)
-    run = lambda c, masked: step(c, j, k_j, v_j, _visible(config, keys, pos, q_seg, key_idx, kv_seg, key_ok)
-                                 if masked else None)
-    return _blocks.by_class(_at(meta.classes[0], qi, j), run, carry)
+    return step(carry, k_j, v_j, _visible(config, keys, pos, q_seg, key_idx, kv_seg, key_ok) if masked else None)
+
+  if meta is None:
+    return run(0, init, True)
+  body = lambda j, carry: _blocks.by_class(_at(meta.classes[0], qi, j), functools.partial(run, j), carry)
   return jax.lax.fori_loop(_at(meta.kv_lo[0], qi), _at(meta.kv_hi[0], qi), body, init)
+
+
+def _metadata(mask: masking.Mask, tiles: _Tiles, keys: _KeyBlocks):
+  """Batch-union block metadata, or None for a single tile (no loops, no class switch)."""
+  if tiles.count == 1 and keys.count == 1:
+    return None
+  return _blocks.batch_union(_blocks.block_meta(mask, tiles.seq, keys.num_keys, tiles.block, keys.block))
+
+
+def _map(fn, xs, count: int):
+  """``lax.map`` over query blocks (called directly for a single one)."""
+  if count == 1:
+    return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], xs)))
+  return jax.lax.map(fn, xs)
 
 
 def _forward(config: _Config, q, k, v, mask: masking.Mask):
@@ -146,23 +168,23 @@ def _forward(config: _Config, q, k, v, mask: masking.Mask):
   seq, value_dim = q.shape[1], v.shape[-1]
   tiles = _Tiles(seq, config.group, block_q)
   keys = _KeyBlocks.make(k, v, mask, block_kv)
-  meta = _blocks.batch_union(_blocks.block_meta(mask, seq, keys.num_keys, block_q, block_kv))
+  meta = _metadata(mask, tiles, keys)
   q_t, pos_t = tiles.cut(q), tiles.per_row(mask.positions(seq))
   seg_t = None if mask.q_segment_ids is None else tiles.per_row(mask.q_segment_ids)
 
   def query_block(xs):
     qi, q_i, pos_i, seg_i = xs
-    def step(state, j, k_j, v_j, vis):
+    def step(state, k_j, v_j, vis):
       return _tile.forward_step(norm, state, _tile.mm_nt(q_i, k_j), vis, v_j)
     state = _key_loop(config, meta, keys, qi, pos_i, seg_i, _tile.init(norm, q_i.shape[:-1], value_dim), step)
     o, m, inv_z = _tile.finalize(norm, state)
     if norm.has_transform:
-      def transform(acc, j, k_j, v_j, vis):
+      def transform(acc, k_j, v_j, vis):
         return _tile.transform_step(norm, acc, _tile.mm_nt(q_i, k_j), vis, v_j, m, inv_z)
       o = _key_loop(config, meta, keys, qi, pos_i, seg_i, jnp.zeros_like(o), transform)
     return o, m, inv_z
 
-  o, m, inv_z = jax.lax.map(query_block, (jnp.arange(q_t.shape[0]), q_t, pos_t, seg_t))
+  o, m, inv_z = _map(query_block, (jnp.arange(tiles.count), q_t, pos_t, seg_t), tiles.count)
   join = lambda x: None if x is None else tiles.join(x)
   return join(o), join(m), join(inv_z)
 
@@ -183,47 +205,56 @@ def _blockwise_bwd(config, residuals, do):
   seq = q.shape[1]
   tiles = _Tiles(seq, config.group, block_q)
   keys = _KeyBlocks.make(k, v, mask, block_kv)
-  meta = _blocks.batch_union(_blocks.block_meta(mask, seq, keys.num_keys, block_q, block_kv))
+  meta = _metadata(mask, tiles, keys)
   cut = lambda x: None if x is None else tiles.cut(x)
   q_t, do_t, m_t, z_t, pos_t = cut(q), cut(do), cut(m), cut(inv_z), tiles.per_row(mask.positions(seq))
   seg_t = None if mask.q_segment_ids is None else tiles.per_row(mask.q_segment_ids)
   if norm.has_transform:
     def delta_block(xs):
       qi, q_i, do_i, m_i, z_i, pos_i, seg_i = xs
-      def step(total, j, k_j, v_j, vis):
+      def step(total, k_j, v_j, vis):
         return total + _tile.transform_delta(norm, _tile.mm_nt(q_i, k_j), vis, m_i, z_i, _tile.mm_nt(do_i, v_j))
       return _key_loop(config, meta, keys, qi, pos_i, seg_i, jnp.zeros(q_i.shape[:-1] + (1,), jnp.float32), step)
-    delta_t = jax.lax.map(delta_block, (jnp.arange(q_t.shape[0]), q_t, do_t, m_t, z_t, pos_t, seg_t))
+    delta_t = _map(delta_block, (jnp.arange(tiles.count), q_t, do_t, m_t, z_t, pos_t, seg_t), tiles.count)
   elif norm.normalized:
     delta_t = cut(jnp.sum(do.astype(jnp.float32) * o, axis=-1, keepdims=True))
   else:
     delta_t = None
   pick = lambda x, i: None if x is None else _at(x, i)
 
+  def tile(i, k_j, v_j, key_idx, kv_seg, key_ok, _, masked):
+    """``(dK, dV, dQ)`` contributions of tile (query block ``i``, this key block)."""
+    q_i, do_i = _at(q_t, i), _at(do_t, i)
+    vis = _visible(config, keys, _at(pos_t, i), pick(seg_t, i), key_idx, kv_seg, key_ok) if masked else None
+    p, ds = _tile.backward_step(norm, _tile.mm_nt(q_i, k_j), vis, pick(m_t, i), pick(z_t, i),
+                                _tile.mm_nt(do_i, v_j), pick(delta_t, i))
+    return _tile.mm_tn(ds, q_i), _tile.mm_tn(p, do_i), _tile.mm(ds, k_j)
+
   def key_block(dq_t, j):
-    k_j, v_j, key_idx, kv_seg, key_ok = keys.take(j)
+    block = keys.take(j)
+    zeros = (jnp.zeros(block[0].shape, jnp.float32), jnp.zeros(block[1].shape, jnp.float32),
+             jnp.zeros(q_t.shape[1:], jnp.float32))
 
-    def body(i, carry):
+    def body(i, carry):  # the switch returns the tile's contributions (never the whole dQ accumulator)
       dq_t, dk_j, dv_j = carry
-      q_i, do_i = _at(q_t, i), _at(do_t, i)
+      step = functools.partial(tile, i, *block)
+      dk_add, dv_add, dq_add = (step(zeros, True) if meta is None
+                                else _blocks.by_class(_at(meta.classes[0], i, j), step, zeros))
+      return jax.lax.dynamic_update_index_in_dim(dq_t, _at(dq_t, i) + dq_add, i, 0), dk_j + dk_add, dv_j + dv_add
 
-      def tile(_, masked):
-        vis = _visible(config, keys, _at(pos_t, i), pick(seg_t, i), key_idx, kv_seg, key_ok) if masked else None
-        p, ds = _tile.backward_step(norm, _tile.mm_nt(q_i, k_j), vis, pick(m_t, i), pick(z_t, i),
-                                    _tile.mm_nt(do_i, v_j), pick(delta_t, i))
-        return _tile.mm_tn(ds, q_i), _tile.mm_tn(p, do_i), _tile.mm(ds, k_j)
-
-      zeros = (jnp.zeros(dk_j.shape, jnp.float32), jnp.zeros(dv_j.shape, jnp.float32),
-               jnp.zeros(q_i.shape, jnp.float32))
-      dk_add, dv_add, dq_add = _blocks.by_class(_at(meta.classes[0], i, j), tile, zeros)
-      dq_t = jax.lax.dynamic_update_index_in_dim(dq_t, _at(dq_t, i) + dq_add, i, 0)
-      return dq_t, dk_j + dk_add, dv_j + dv_add
-
-    init = (dq_t, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
-    dq_t, dk_j, dv_j = jax.lax.fori_loop(_at(meta.q_lo[0], j), _at(meta.q_hi[0], j), body, init)
+    init = (dq_t, zeros[0], zeros[1])
+    if meta is None:
+      dq_t, dk_j, dv_j = body(0, init)
+    else:
+      dq_t, dk_j, dv_j = jax.lax.fori_loop(_at(meta.q_lo[0], j), _at(meta.q_hi[0], j), body, init)
     return dq_t, (dk_j, dv_j)
 
-  dq_t, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_t.shape, jnp.float32), jnp.arange(keys.count))
+  dq0 = jnp.zeros(q_t.shape, jnp.float32)
+  if meta is None:
+    dq_t, (dk, dv) = key_block(dq0, 0)
+    dk, dv = dk[None], dv[None]
+  else:
+    dq_t, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(keys.count))
   num_keys = keys.num_keys
   merge = lambda x, like: jnp.moveaxis(x, 0, 2).reshape(like.shape[0], like.shape[2], -1, like.shape[3])[
       :, :, :num_keys].transpose(0, 2, 1, 3).astype(like.dtype)

@@ -8,12 +8,17 @@ key/value head ``h // (H // KV)``). Masking is described in :mod:`.masking`: que
 position ``query_offset + i`` (default ``S - T``, bottom-right alignment; a KV cache decodes with
 ``query_offset = cache_index``) and keys at ``0..S-1``. A row with no visible key outputs 0.
 
-Implementations receive canonical arguments ``fn(q, k, v, *, normalizer, mask, q_scale)``: ``q``/``k``/``v``
-as given (k/v with KV heads), ``normalizer`` a resolved static :class:`.normalizers.Normalizer`, ``mask`` a
-:class:`.masking.Mask`, ``q_scale`` a ``(B, T, H)`` float32 factor on each row's logits (the scale times
-the row-local scaling of SSMax / selective attention, already computed here so that every implementation
-shares it and gradients reach its parameters). They return ``o`` ``(B, T, H, Dv)`` in ``q.dtype``; the gate is
-applied here.
+Implementations receive canonical arguments ``fn(q, k, v, *, normalizer, mask, q_scale, gate, block_sizes)``:
+``q``/``k``/``v`` as given (k/v with KV heads), ``normalizer`` a resolved static
+:class:`.normalizers.Normalizer`, ``mask`` a :class:`.masking.Mask`, ``q_scale`` a ``(B, T, H)`` float32 factor
+on each row's logits (the scale times the row-local scaling of SSMax / selective attention, already computed
+here so that every implementation shares it and gradients reach its parameters), ``gate`` the activated
+output gate or None, ``block_sizes`` a :class:`BlockSizes` or None. They return ``o`` ``(B, T, H, Dv)`` in
+``q.dtype``.
+
+Implementations: ``reference`` (materialised, the test oracle), ``xla`` (blockwise with block skipping),
+``pallas_tpu`` and ``pallas_triton`` (Pallas kernels, opt-in by name until validated on hardware; see
+``docs/attention_kernels.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from pallas_kernels import _checks
 from pallas_kernels.attention import masking, normalizers
+from pallas_kernels.attention._blocks import BlockSizes
 from pallas_kernels.attention.normalizers import Normalizer
 from pallas_kernels.dispatch import Op
 
@@ -44,7 +50,8 @@ attention_op.register("pallas_triton", "pallas_kernels.attention.gpu:attention",
 
 def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool = True,
               window: int | None = None, segment_ids=None, key_mask=None, scale: float | None = None,
-              gate=None, query_offset=None, implementation: str | Sequence[str] | None = None):
+              gate=None, query_offset=None, block_sizes: BlockSizes | None = None,
+              implementation: str | Sequence[str] | None = None):
   """Attention with a choice of score normalizer, GQA, causal / sliding-window / segment masks.
 
   Args:
@@ -61,8 +68,12 @@ def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool
     key_mask: ``(B, S)`` bool, True where the key may be attended (padding, gated-off keys); None: all.
       Masking a key is the same as removing it (the keys keep their positions).
     scale: logit scale, default ``D ** -0.5``.
-    gate: optional multiplicative output gate ``(B, T, H, Dv)`` or ``(B, T, H, 1)``, already activated.
+    gate: optional multiplicative output gate, elementwise ``(B, T, H, Dv)`` or headwise ``(B, T, H, 1)``,
+      already activated (e.g. ``sigmoid(x W_theta)``, the G1 gate of arXiv 2505.06708 eq. 5): ``o * gate``.
+      The blockwise implementations apply it in their epilogue and differentiate it from the saved un-gated
+      output (no division by the gate).
     query_offset: absolute position of query 0: an int >= 0 or a ``(B,)`` int array; default ``S - T``.
+    block_sizes: :class:`BlockSizes` tiles for the blockwise implementations (None: per-device defaults).
     implementation: see :mod:`pallas_kernels.dispatch`.
   Returns:
     ``o`` ``(B, T, H, Dv)`` in the dtype of ``q``.
@@ -82,11 +93,11 @@ def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool
     allowed = ((batch, seq, heads, v.shape[-1]), (batch, seq, heads, 1))
     if tuple(gate.shape) not in allowed:
       raise ValueError(f"gate: got shape {tuple(gate.shape)}; allowed: {allowed[0]} or {allowed[1]}")
-  o = attention_op(q, k, v, implementation=implementation, normalizer=norm.resolve(num_keys), mask=mask,
-                   q_scale=q_scale)
-  if gate is not None:
-    o = (o.astype(jnp.float32) * gate.astype(jnp.float32)).astype(q.dtype)
-  return o
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes: got {block_sizes!r}; allowed: None or "
+                     "pallas_kernels.attention.BlockSizes(q=..., kv=..., q_bwd=..., kv_bwd=...)")
+  return attention_op(q, k, v, implementation=implementation, normalizer=norm.resolve(num_keys), mask=mask,
+                      q_scale=q_scale, gate=gate, block_sizes=block_sizes)
 
 
 def _check_qkv(q, k, v) -> tuple[int, int, int, int]:
@@ -171,4 +182,4 @@ def _q_scale(norm: Normalizer, mask: masking.Mask, scale: float, batch: int, seq
   return scale * jnp.broadcast_to(row_BTH, (batch, seq, heads)).astype(jnp.float32)
 
 
-__all__ = ["attention", "attention_op", "masking", "normalizers"]
+__all__ = ["BlockSizes", "attention", "attention_op", "masking", "normalizers"]

@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-BLOCK_KV = 128  # keys per block in blockwise loops (the xla implementation and the key counts below)
+BLOCK_KV = 128  # keys per step of visible_counts
 
 
 @jax.tree_util.register_dataclass
@@ -46,22 +46,35 @@ class Mask:
     return self.query_offset[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
 
 
-def visible(pos_BR, key_idx_J, q_seg_BR, kv_seg_BJ, key_ok_BJ, *, causal: bool, window: int | None,
-            num_keys: int) -> jax.Array:
-  """``(B, R, J)`` bool: whether query row ``r`` (at ``pos_BR``) sees key ``key_idx_J[j]``; ``key_ok_BJ`` is
-  the key mask of those keys (or None)."""
-  pos = pos_BR[:, :, None]
-  key = key_idx_J[None, None, :]
+def visible(pos, key, q_seg, kv_seg, key_ok, *, causal: bool, window: int | None, num_keys: int) -> jax.Array:
+  """Whether each query row sees each key, as a bool array of the broadcast shape of the arguments.
+
+  ``pos`` (query positions) and ``q_seg`` have the rows on their second-to-last axis and 1 on the last;
+  ``key`` (key indices), ``kv_seg`` and ``key_ok`` (the key mask) have the keys on the last axis, e.g.
+  ``(B, R, 1)`` and ``(B, 1, J)`` -> ``(B, R, J)``, or ``(R, 1)`` and ``(1, J)`` inside a kernel. Segment ids
+  and the key mask may be None. Only comparisons and ``&``: the same code runs in XLA, Mosaic and Triton.
+  """
   vis = key < num_keys
   if causal:
     vis = vis & (key <= pos)
   if window is not None:
-    vis = vis & ((pos - key < window) if causal else (jnp.abs(pos - key) < window))
-  if q_seg_BR is not None:
-    vis = vis & (q_seg_BR[:, :, None] == kv_seg_BJ[:, None, :])
-  if key_ok_BJ is not None:
-    vis = vis & key_ok_BJ[:, None, :]
-  return vis
+    vis = vis & ((pos - key < window) if causal else ((pos - key < window) & (key - pos < window)))
+  if q_seg is not None:
+    vis = vis & (q_seg == kv_seg)
+  if key_ok is not None:
+    vis = vis & key_ok
+  shapes = [jnp.shape(x) for x in (pos, key, q_seg, kv_seg, key_ok) if x is not None]
+  return jnp.broadcast_to(vis, jnp.broadcast_shapes(*shapes))
+
+
+def rows(x_BR):
+  """``(B, R)`` -> ``(B, R, 1)`` (None stays None): a per-row array for :func:`visible`."""
+  return None if x_BR is None else x_BR[:, :, None]
+
+
+def keys(x_BJ):
+  """``(B, J)`` -> ``(B, 1, J)`` (None stays None): a per-key array for :func:`visible`."""
+  return None if x_BJ is None else x_BJ[:, None, :]
 
 
 def visible_counts(mask: Mask, seq: int, num_keys: int) -> jax.Array:
@@ -75,8 +88,8 @@ def visible_counts(mask: Mask, seq: int, num_keys: int) -> jax.Array:
 
   def count_block(total_BT, xs):
     key_idx_J, kv_seg_BJ, key_ok_BJ = xs
-    vis = visible(pos_BT, key_idx_J, mask.q_segment_ids, kv_seg_BJ, key_ok_BJ, causal=mask.causal,
-                  window=mask.window, num_keys=num_keys)
+    vis = visible(pos_BT[..., None], key_idx_J, rows(mask.q_segment_ids), keys(kv_seg_BJ), keys(key_ok_BJ),
+                  causal=mask.causal, window=mask.window, num_keys=num_keys)
     return total_BT + vis.sum(-1, dtype=jnp.int32), None
 
   key_idx = jnp.arange(padded, dtype=jnp.int32).reshape(num_blocks, block)

@@ -1,13 +1,16 @@
 """Attention-score normalizers: one small frozen dataclass each, resolved from a name with defaults.
 
-Every blockwise-capable normalizer has the generic form (reference/attention.md §9.3)
+Every blockwise-capable normalizer has the generic form (the online normaliser of arXiv 1805.02867 and
+FlashAttention-2, arXiv 2307.08691 §3.1, with other maps in place of exp)
 
     P_ij = phi(g(s_ij) / Z_i),    Z_i = sum_{j visible} h(s_ij) + offset_i      (Z_i = 1 if not normalized)
 
 with ``phi`` the identity except for clipped softmax. Exp-based ``g``/``h`` are written shifted by a row
 shift ``m`` (``g(s, m) = e^{-m} g(s)``), so an online loop can rescale by ``e^{m_old - m_new}``; the others
 ignore ``m``. Masked keys contribute to neither ``g`` nor ``h``. Blockwise kernels need only ``numerator``,
-``denominator``, ``offset`` and ``transform``; derivatives come from ``jax.jvp`` of these elementwise maps.
+``denominator``, ``offset`` and ``transform``; derivatives come from ``jax.jvp`` of these elementwise maps
+(the per-tile algorithm built from them is :mod:`._tile`). ``kernel_supported`` says whether the Pallas
+kernels take a normalizer (one pass, identity ``phi``).
 
 Row-local logit scalings (SSMax, selective temperature) are folded into a per-row query scale by the public
 op (:meth:`Normalizer.row_scale`), so every implementation shares them and gradients to their arrays flow by
@@ -37,6 +40,8 @@ class Normalizer:
   normalized: ClassVar[bool] = True
   has_transform: ClassVar[bool] = False  # phi is not the identity (needs two passes)
   needs_counts: ClassVar[bool] = False  # row_scale uses n_i, the number of visible keys per row
+  has_offset: ClassVar[bool] = False  # offset() is not 0
+  kernel_supported: ClassVar[bool] = True  # the Pallas kernels take it (one pass, phi the identity)
 
   def validate(self, *, batch: int, seq: int, heads: int) -> None:
     """Checks array parameters against the call's shapes (ValueError naming the field)."""
@@ -66,22 +71,30 @@ class Normalizer:
 
   # Shared machinery (used by the reference and by the blockwise implementations).
 
+  @property
+  def single_row_residual(self) -> bool:
+    """Whether the row statistics fold into one log-sum-exp row: for exp-based numerators and denominators
+    without offset, ``g(s, m) / l = g(s, m + log l)``, so the backward needs only ``m + log l``."""
+    return self.uses_max and self.normalized and not self.has_offset
+
   def shift(self, row_max: jax.Array) -> jax.Array:
     """Finite row shift from a (possibly -inf) running max."""
     m = jnp.maximum(row_max, self.max_floor)
-    return jnp.where(jnp.isfinite(m), m, 0.0)
+    return jnp.where(m > -jnp.inf, m, 0.0)
 
   def masked_terms(self, s, vis, m, *, with_grad: bool = False):
-    """``g``, ``h`` (None if not normalized) zeroed on masked keys; with ``with_grad`` also ``g'``, ``h'``."""
-    s_safe = jnp.where(vis, s, m)  # masked logits never reach exp/division (no inf, no NaN gradient)
+    """``g``, ``h`` (None if not normalized) zeroed on masked keys; with ``with_grad`` also ``g'``, ``h'``.
+    ``vis=None``: every key is visible (a full block: no mask work)."""
+    hide = (lambda x: x) if vis is None else (lambda x: jnp.where(vis, x, 0.0))
+    s_safe = s if vis is None else jnp.where(vis, s, m)  # masked logits never reach exp/division
     fns = [lambda x: self.numerator(x, m)] + ([lambda x: self.denominator(x, m)] if self.normalized else [])
     out = []
     for fn in fns:
       if with_grad:
         value, grad = jax.jvp(fn, (s_safe,), (jnp.ones_like(s_safe),))
-        out += [jnp.where(vis, value, 0.0), jnp.where(vis, grad, 0.0)]
+        out += [hide(value), hide(grad)]
       else:
-        out.append(jnp.where(vis, fn(s_safe), 0.0))
+        out.append(hide(fn(s_safe)))
     if not self.normalized:
       out += [None, None] if with_grad else [None]
     return tuple(out)
@@ -168,6 +181,7 @@ class Softpick(Normalizer):
   name: ClassVar[str] = "softpick"
   uses_max: ClassVar[bool] = True
   max_floor: ClassVar[float] = 0.0
+  has_offset: ClassVar[bool] = True
   eps: float = dataclasses.field(default=1e-6, metadata=_STATIC)
 
   def __post_init__(self):
@@ -177,16 +191,18 @@ class Softpick(Normalizer):
     return jax.nn.relu(_shifted_expm1(s, m))
 
   def denominator(self, s, m):
-    return jnp.abs(_shifted_expm1(s, m))
+    x = _shifted_expm1(s, m)
+    return jnp.where(x < 0, -x, x)  # |x| whose derivative is a select (Mosaic lowers sign() only on a TPU)
 
   def offset(self, m):
     return self.eps * jnp.exp(-m)
 
 
 def _shifted_expm1(s, m):
-  """e^{-m} (e^s - 1) for s <= m: expm1 near 0 (no cancellation where softpick logits start), else e^{s-m} - e^{-m}."""
-  small = jnp.abs(s) < 1
-  return jnp.where(small, jnp.exp(-m) * jnp.expm1(jnp.clip(s, -1, 1)), jnp.exp(s - m) - jnp.exp(-m))
+  """e^{-m} (e^s - 1) for s <= m: e^s - 1 = 2t / (1 - t) with t = tanh(s / 2) near 0 (no cancellation where
+  softpick logits start; Mosaic has no expm1), else e^{s-m} - e^{-m}."""
+  t = jnp.tanh(0.5 * jnp.clip(s, -1, 1))
+  return jnp.where(jnp.abs(s) < 1, jnp.exp(-m) * (2 * t / (1 - t)), jnp.exp(s - m) - jnp.exp(-m))
 
 
 @_pytree
@@ -210,7 +226,7 @@ class SSMax(Normalizer):
 @_pytree
 class Selective(Normalizer):
   """Selective attention: softmax(tau_i * logits), tau = temperature * (1 + c log n_i) (Zhang et al.,
-  NeurIPS 2024, reference/attention.md §8.1). ``temperature``: ``(B, T, H)`` array or None (1);
+  NeurIPS 2024, arXiv 2411.12892). ``temperature``: ``(B, T, H)`` array or None (1);
   ``position_scale`` c: float, ``(H,)`` array or None (no position term); default e^{-e^{1.5}}, the
   official GPT-2 initialisation of the position-aware term."""
   name: ClassVar[str] = "selective"
@@ -266,6 +282,7 @@ class ClippedSoftmax(Normalizer):
   name: ClassVar[str] = "clipped_softmax"
   uses_max: ClassVar[bool] = True
   has_transform: ClassVar[bool] = True
+  kernel_supported: ClassVar[bool] = False  # phi needs the final Z: two passes
   gamma: float = dataclasses.field(default=-0.025, metadata=_STATIC)
   zeta: float = dataclasses.field(default=1.0, metadata=_STATIC)
 
@@ -296,6 +313,7 @@ class SelfAdjust(Normalizer):
 class _SortBased(Normalizer):
   """Exact sort-based projections (Martins & Astudillo 2016; Peters et al. 2019, §8.2): reference only."""
   blockwise: ClassVar[bool] = False
+  kernel_supported: ClassVar[bool] = False
 
   def project(self, x: jax.Array) -> jax.Array:
     raise NotImplementedError

@@ -10,17 +10,20 @@ from pallas_kernels.attention import masking
 from pallas_kernels.attention.normalizers import Normalizer
 
 
-def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale):
-  """o_i = sum_j P_ij v_j with P = normalizer(q_scale_i * q_i . k_j) over visible keys.
+def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale, gate, block_sizes):
+  """o_i = gate_i * sum_j P_ij v_j with P = normalizer(q_scale_i * q_i . k_j) over visible keys.
 
   Args:
     q: ``(B, T, H, D)``; k: ``(B, S, KV, D)``; v: ``(B, S, KV, Dv)``.
     normalizer: a resolved (static) normalizer.
     mask: the canonical mask.
     q_scale: ``(B, T, H)`` float32 factor on each row's logits (the softmax scale times any row scaling).
+    gate: ``(B, T, H, Dv | 1)`` activated output gate, or None.
+    block_sizes: unused (nothing is blocked here).
   Returns:
     ``(B, T, H, Dv)`` in ``q.dtype``.
   """
+  del block_sizes
   batch, seq, heads, _ = q.shape
   num_keys, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
@@ -28,8 +31,11 @@ def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale):
   v_BSHV = jnp.repeat(v.astype(jnp.float32), group, axis=2)
   s_BHTS = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k_BSHD, precision=jax.lax.Precision.HIGHEST)
   s_BHTS = s_BHTS * jnp.swapaxes(q_scale, 1, 2)[..., None]
-  vis_BTS = masking.visible(mask.positions(seq), jnp.arange(num_keys), mask.q_segment_ids, mask.kv_segment_ids,
-                            mask.key_mask, causal=mask.causal, window=mask.window, num_keys=num_keys)
+  vis_BTS = masking.visible(mask.positions(seq)[..., None], jnp.arange(num_keys), masking.rows(mask.q_segment_ids),
+                            masking.keys(mask.kv_segment_ids), masking.keys(mask.key_mask), causal=mask.causal,
+                            window=mask.window, num_keys=num_keys)
   p_BHTS = normalizer.weights(s_BHTS, vis_BTS[:, None])
   o_BTHV = jnp.einsum("bhts,bshv->bthv", p_BHTS, v_BSHV, precision=jax.lax.Precision.HIGHEST)
+  if gate is not None:
+    o_BTHV = o_BTHV * gate.astype(jnp.float32)
   return o_BTHV.astype(q.dtype)

@@ -1,20 +1,23 @@
-"""Blockwise attention in pure XLA: an online normalizer over key blocks, O(T * block) memory.
+"""Blockwise attention in pure XLA with block skipping: O(T * block) memory, and only the tiles the mask needs.
 
-Forward (FlashAttention-2, arXiv 2307.08691 Alg. 1, generalised as in reference/attention.md §9.3): for each
-key block, scores ``s = q_scale * q k^T`` (float32), the running shift ``m`` (row max, for exp-based
-normalizers), ``l = e^{m_old - m} l + sum_j h(s_j)``, ``acc = e^{m_old - m} acc + g(s) v``; finally
-``o = acc / Z`` with ``Z = l + offset``. Clipped softmax takes a second pass ``acc = sum_j phi(g / Z) v``.
-Only the row statistics ``m`` and ``1 / Z`` are saved.
+Queries are cut into blocks of ``block_sizes.q`` positions (the query heads of a GQA group stacked as rows of
+their key/value head), keys into blocks of ``block_sizes.kv``. :mod:`._blocks` classifies every tile once per
+call; the forward pass maps over query blocks and runs a ``fori_loop`` over the key blocks in that query
+block's range, skipping empty tiles and masking only partial ones (FlashAttention-2, arXiv 2307.08691 Alg. 1,
+with the per-tile math of :mod:`._tile`). A causal mask therefore costs about half of the full product and a
+sliding window O(T * window). Clipped softmax takes a second pass over the same tiles for ``phi``.
 
-Backward (FA-2 Alg. 2, under ``jax.custom_vjp``): per key block, recompute ``p = g(s) / Z``, ``P = phi(p)``;
-``dV += P^T dO``, ``dP = dO V^T``, ``dp = phi'(p) dP`` and
+The backward (``jax.custom_vjp``; FA-2 Alg. 2) is one pass: a scan over key blocks, each looping over the query
+blocks that see it, accumulating ``dK``/``dV`` of the key block and adding each tile's ``dQ`` into a
+``(T, D)`` accumulator (sequential, so no atomics are needed); a normalizer with a transform first gets its
+``D`` rows from a pass shaped like the forward. Only the row statistics the normalizer needs are saved
+(:func:`._tile.finalize`). The row scale (softmax scale, SSMax, selective) is multiplied into ``q`` and the
+output gate into ``o`` outside the custom VJP, so autodiff differentiates them (the gate's gradient uses the
+saved un-gated output).
 
-    dS = (g'(s) dp - h'(s) D) / Z,      D_i = sum_j p_ij dp_ij   (= rowsum(dO * O) when phi is the identity)
-
-(a separate pass computes ``D`` when ``phi`` is not the identity), then ``dQ += (q_scale dS) K``,
-``dK += (q_scale dS)^T Q`` and ``d q_scale = rowsum(dS * q k^T)``. No ``(T, S)`` array exists in either
-direction. Query heads of a GQA group are stacked as extra rows of their key/value head. The key block is
-``masking.BLOCK_KV`` (128; the whole key set when shorter); a last partial block is padded and masked.
+A call that fits one tile (``T <= block_sizes.q``, ``S <= block_sizes.kv``) runs without loops, class switch or
+block metadata: the materialised computation, whose backward recomputes the probabilities instead of saving
+them.
 """
 
 from __future__ import annotations
@@ -25,162 +28,237 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import masking
+from pallas_kernels import dispatch
+from pallas_kernels.attention import _blocks, _tile, masking
+from pallas_kernels.attention._blocks import BlockSizes
 from pallas_kernels.attention.normalizers import Normalizer
+
+# Default tiles per backend (experiments/benchmarks/results/attention_cpu.md for the CPU choice).
+DEFAULT_BLOCKS = {"cpu": BlockSizes(256, 256, 256, 256), "gpu": BlockSizes(512, 512, 512, 512),
+                  "tpu": BlockSizes(512, 512, 512, 512)}
+
 
 class _Config(NamedTuple):
   normalizer: Normalizer
   causal: bool
   window: int | None
-  num_keys: int
-  block: int
+  group: int
+  blocks: BlockSizes
 
 
-def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale):
-  """Same contract as :func:`pallas_kernels.attention.reference.attention`."""
+def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale, gate, block_sizes):
+  """Same contract as :func:`pallas_kernels.attention.reference.attention`; ``block_sizes`` a
+  :class:`._blocks.BlockSizes` or None (defaults per backend, :data:`DEFAULT_BLOCKS`)."""
   if not normalizer.blockwise:
     raise NotImplementedError(
         f"normalizer {normalizer.name!r} has no blockwise (online) form in xla; pass "
         f"implementation=\"reference\" or a sequence (\"xla\", \"reference\")")
-  batch, seq, heads, dim = q.shape
-  num_keys, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
-  group = heads // kv_heads
-  block = min(masking.BLOCK_KV, num_keys)
-  padded = -(-num_keys // block) * block
-  pad_keys = lambda x: jnp.pad(x, [(0, 0), (0, padded - num_keys)] + [(0, 0)] * (x.ndim - 2))
-  # Rows r = g * T + t of key/value head k hold query head k * G + g at time t.
-  q_BKRD = q.reshape(batch, seq, kv_heads, group, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
-  c_BKR = q_scale.reshape(batch, seq, kv_heads, group).transpose(0, 2, 3, 1).reshape(batch, kv_heads, -1)
-  k_BKSD = pad_keys(k).transpose(0, 2, 1, 3)
-  v_BKSV = pad_keys(v).transpose(0, 2, 1, 3)
-  pos_BR = jnp.tile(mask.positions(seq), (1, group))
-  q_seg_BR = None if mask.q_segment_ids is None else jnp.tile(mask.q_segment_ids, (1, group))
-  kv_seg_BS = None if mask.kv_segment_ids is None else pad_keys(mask.kv_segment_ids)
-  key_ok_BS = None if mask.key_mask is None else pad_keys(mask.key_mask)
-  config = _Config(normalizer, mask.causal, mask.window, num_keys, block)
-  o_BKRV = _blockwise(config, q_BKRD, k_BKSD, v_BKSV, c_BKR, pos_BR, q_seg_BR, (kv_seg_BS, key_ok_BS))
-  o_BTHV = o_BKRV.reshape(batch, kv_heads, group, seq, value_dim).transpose(0, 3, 1, 2, 4)
-  return o_BTHV.reshape(batch, seq, heads, value_dim).astype(q.dtype)
+  seq, heads, num_keys, kv_heads = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+  defaults = DEFAULT_BLOCKS.get(dispatch.current_backend(), DEFAULT_BLOCKS["cpu"])
+  blocks = (block_sizes or BlockSizes()).resolve(defaults, seq, num_keys)
+  q_scaled = (q.astype(jnp.float32) * q_scale[..., None]).astype(q.dtype)
+  config = _Config(normalizer, mask.causal, mask.window, heads // kv_heads, blocks)
+  o = _blockwise(config, q_scaled, k, v, mask)
+  if gate is not None:
+    o = o * gate.astype(jnp.float32)
+  return o.astype(q.dtype)
 
 
-def _dot(spec: str, a, b):
-  """einsum in the narrower of the two dtypes (bf16 matmuls stay bf16), accumulated in float32."""
-  dtype = a.dtype if jnp.finfo(a.dtype).bits <= jnp.finfo(b.dtype).bits else b.dtype
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+class _Tiles(NamedTuple):
+  """Query-side arrays cut into blocks: ``x`` ``(NQ, B, KV, G * block, F)`` per array, rows ``g * block + t``."""
+  seq: int
+  group: int
+  block: int
+
+  def cut(self, x_BTHF):
+    batch, _, heads, feat = x_BTHF.shape
+    num = self.count
+    x = jnp.pad(x_BTHF, ((0, 0), (0, num * self.block - self.seq), (0, 0), (0, 0)))
+    x = x.reshape(batch, num, self.block, heads // self.group, self.group, feat).transpose(1, 0, 3, 4, 2, 5)
+    return x.reshape(num, batch, heads // self.group, self.group * self.block, feat)
+
+  def join(self, x):
+    num, batch, kv_heads, _, feat = x.shape
+    x = x.reshape(num, batch, kv_heads, self.group, self.block, feat).transpose(1, 0, 4, 2, 3, 5)
+    return x.reshape(batch, num * self.block, kv_heads * self.group, feat)[:, :self.seq]
+
+  @property
+  def count(self) -> int:
+    return -(-self.seq // self.block)
+
+  def per_row(self, x_BT):
+    """``(B, T)`` -> ``(NQ, B, 1, G * block, 1)`` (every head of the group has the row's value)."""
+    return self.cut(jnp.broadcast_to(x_BT[:, :, None, None], x_BT.shape + (self.group, 1)))
 
 
-def _key_blocks(config: _Config, k, v, kv_keys):
-  """Scan inputs: per block ``(k (B, KV, J, D), v (B, KV, J, Dv), key index (J,), kv segment ids (B, J),
-  key mask (B, J))``; ``kv_keys`` is the pair (kv segment ids, key mask), each ``(B, S)`` or None."""
-  batch, kv_heads, padded, _ = k.shape
-  num_blocks = padded // config.block
-  split = lambda x: jnp.moveaxis(x.reshape(batch, kv_heads, num_blocks, config.block, -1), 2, 0)
-  key_idx = jnp.arange(padded, dtype=jnp.int32).reshape(num_blocks, config.block)
-  per_block = lambda x: None if x is None else jnp.moveaxis(x.reshape(batch, num_blocks, config.block), 1, 0)
-  return (split(k), split(v), key_idx, *map(per_block, kv_keys))
+class _KeyBlocks(NamedTuple):
+  """Key-side arrays padded to whole blocks: ``k``/``v`` ``(B, KV, S', F)``, segment ids and key mask
+  ``(B, 1, 1, S')`` or None."""
+  k: jax.Array
+  v: jax.Array
+  kv_seg: jax.Array | None
+  key_ok: jax.Array | None
+  block: int
+  num_keys: int
+
+  @classmethod
+  def make(cls, k, v, mask: masking.Mask, block: int) -> _KeyBlocks:
+    num_keys = k.shape[1]
+    pad = -(-num_keys // block) * block - num_keys
+    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    per_key = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad)))[:, None, None, :]
+    return cls(heads_first(k), heads_first(v), per_key(mask.kv_segment_ids), per_key(mask.key_mask), block,
+               num_keys)
+
+  @property
+  def count(self) -> int:
+    return self.k.shape[2] // self.block
+
+  def take(self, j):
+    """Key block ``j``: ``(k, v, key indices, segment ids, key mask)``."""
+    k_j = jax.lax.dynamic_slice_in_dim(self.k, j * self.block, self.block, axis=2)
+    v_j = jax.lax.dynamic_slice_in_dim(self.v, j * self.block, self.block, axis=2)
+    seg_j, ok_j = (None if x is None else jax.lax.dynamic_slice_in_dim(x, j * self.block, self.block, axis=3)
+                   for x in (self.kv_seg, self.key_ok))
+    return k_j, v_j, j * self.block + jnp.arange(self.block, dtype=jnp.int32), seg_j, ok_j
 
 
-def _scores(config: _Config, q, c, pos, q_seg, block):
-  """``(raw q.k, s = c * raw, visible (B, 1, R, J))`` for one key block."""
-  k_j, _, key_idx, kv_seg_j, key_ok_j = block
-  raw = _dot("bkrd,bkjd->bkrj", q, k_j)
-  vis = masking.visible(pos, key_idx, q_seg, kv_seg_j, key_ok_j, causal=config.causal, window=config.window,
-                        num_keys=config.num_keys)[:, None]
-  return raw, raw * c[..., None], vis
+def _at(x, *index):
+  """``x[index]`` for loop indices: a dynamic index without jnp's negative-index handling."""
+  for i in index:
+    x = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+  return x
 
 
-def _forward(config: _Config, q, k, v, c, pos, q_seg, kv_keys):
-  """Returns ``o`` (B, KV, R, Dv) float32 and the row statistics ``m`` (shift) and ``1 / Z``."""
-  norm = config.normalizer
-  blocks = _key_blocks(config, k, v, kv_keys)
-  rows = q.shape[:3]
-  acc0 = jnp.zeros(rows + (v.shape[-1],), jnp.float32)
+def _visible(config: _Config, keys: _KeyBlocks, pos, q_seg, key_idx, kv_seg, key_ok):
+  return masking.visible(pos, key_idx, q_seg, kv_seg, key_ok, causal=config.causal, window=config.window,
+                         num_keys=keys.num_keys)
 
-  def stats_body(carry, block):
-    m, l, acc = carry
-    _, s, vis = _scores(config, q, c, pos, q_seg, block)
-    if norm.uses_max:
-      m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, -jnp.inf), -1))
-      alpha = jnp.exp(jnp.minimum(norm.shift(m) - norm.shift(m_new), 0.0))  # 1 while nothing is accumulated
-    else:
-      m_new, alpha = m, jnp.ones_like(m)
-    g, h = norm.masked_terms(s, vis, norm.shift(m_new)[..., None] if norm.uses_max else 0.0)
-    if norm.normalized:
-      l = alpha * l + h.sum(-1)
-    if not norm.has_transform:
-      acc = alpha[..., None] * acc + _dot("bkrj,bkjv->bkrv", g, block[1])
-    return (m_new, l, acc), None
 
-  m0 = jnp.full(rows, norm.max_floor if norm.uses_max else 0.0, jnp.float32)
-  (m, l, acc), _ = jax.lax.scan(stats_body, (m0, jnp.zeros(rows, jnp.float32), acc0), blocks)
-  m = norm.shift(m) if norm.uses_max else m
-  inv_z = norm.inverse_total(l, m)
-  if not norm.has_transform:
-    return acc * inv_z[..., None], m, inv_z
+def _key_loop(config: _Config, meta, keys: _KeyBlocks, qi, pos, q_seg, init, step):
+  """Runs ``step(carry, k_j, v_j, vis)`` over the key blocks query block ``qi`` sees (``vis`` None: full).
+  Without ``meta`` (a single tile) the one key block runs masked, with no loop."""
+  def run(j, carry, masked):
+    k_j, v_j, key_idx, kv_seg, key_ok = keys.take(j)
+    return step(carry, k_j, v_j, _visible(config, keys, pos, q_seg, key_idx, kv_seg, key_ok) if masked else None)
 
-  def transform_body(acc, block):
-    _, s, vis = _scores(config, q, c, pos, q_seg, block)
-    g, _ = norm.masked_terms(s, vis, m[..., None])
-    p = jnp.where(vis, norm.transform(g * inv_z[..., None]), 0.0)
-    return acc + _dot("bkrj,bkjv->bkrv", p, block[1]), None
+  if meta is None:
+    return run(0, init, True)
+  body = lambda j, carry: _blocks.by_class(_at(meta.classes[0], qi, j), functools.partial(run, j), carry)
+  return jax.lax.fori_loop(_at(meta.kv_lo[0], qi), _at(meta.kv_hi[0], qi), body, init)
 
-  acc, _ = jax.lax.scan(transform_body, acc0, blocks)
-  return acc, m, inv_z
+
+def _metadata(mask: masking.Mask, tiles: _Tiles, keys: _KeyBlocks):
+  """Batch-union block metadata, or None for a single tile (no loops, no class switch)."""
+  if tiles.count == 1 and keys.count == 1:
+    return None
+  return _blocks.batch_union(_blocks.block_meta(mask, tiles.seq, keys.num_keys, tiles.block, keys.block))
+
+
+def _map(fn, xs, count: int):
+  """``lax.map`` over query blocks (called directly for a single one)."""
+  if count == 1:
+    return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], xs)))
+  return jax.lax.map(fn, xs)
+
+
+def _forward(config: _Config, q, k, v, mask: masking.Mask):
+  """``o`` ``(B, T, H, Dv)`` float32 and the row statistics ``m``, ``inv_z`` ``(B, T, H, 1)`` (or None)."""
+  norm, block_q, block_kv = config.normalizer, config.blocks.q, config.blocks.kv
+  seq, value_dim = q.shape[1], v.shape[-1]
+  tiles = _Tiles(seq, config.group, block_q)
+  keys = _KeyBlocks.make(k, v, mask, block_kv)
+  meta = _metadata(mask, tiles, keys)
+  q_t, pos_t = tiles.cut(q), tiles.per_row(mask.positions(seq))
+  seg_t = None if mask.q_segment_ids is None else tiles.per_row(mask.q_segment_ids)
+
+  def query_block(xs):
+    qi, q_i, pos_i, seg_i = xs
+    def step(state, k_j, v_j, vis):
+      return _tile.forward_step(norm, state, _tile.mm_nt(q_i, k_j), vis, v_j)
+    state = _key_loop(config, meta, keys, qi, pos_i, seg_i, _tile.init(norm, q_i.shape[:-1], value_dim), step)
+    o, m, inv_z = _tile.finalize(norm, state)
+    if norm.has_transform:
+      def transform(acc, k_j, v_j, vis):
+        return _tile.transform_step(norm, acc, _tile.mm_nt(q_i, k_j), vis, v_j, m, inv_z)
+      o = _key_loop(config, meta, keys, qi, pos_i, seg_i, jnp.zeros_like(o), transform)
+    return o, m, inv_z
+
+  o, m, inv_z = _map(query_block, (jnp.arange(tiles.count), q_t, pos_t, seg_t), tiles.count)
+  join = lambda x: None if x is None else tiles.join(x)
+  return join(o), join(m), join(inv_z)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(config: _Config, q, k, v, c, pos, q_seg, kv_keys):
-  return _forward(config, q, k, v, c, pos, q_seg, kv_keys)[0]
+def _blockwise(config: _Config, q, k, v, mask):
+  return _forward(config, q, k, v, mask)[0]
 
 
-def _blockwise_fwd(config, q, k, v, c, pos, q_seg, kv_keys):
-  o, m, inv_z = _forward(config, q, k, v, c, pos, q_seg, kv_keys)
-  return o, (q, k, v, c, pos, q_seg, kv_keys, o, m, inv_z)
+def _blockwise_fwd(config, q, k, v, mask):
+  o, m, inv_z = _forward(config, q, k, v, mask)
+  return o, (q, k, v, mask, o, m, inv_z)
 
 
 def _blockwise_bwd(config, residuals, do):
-  q, k, v, c, pos, q_seg, kv_keys, o, m, inv_z = residuals
-  norm = config.normalizer
-  blocks = _key_blocks(config, k, v, kv_keys)
-
-  def recompute(block):
-    """Per block: raw scores, visibility, P, g', h' (or None), phi'(p) (or None), dP."""
-    raw, s, vis = _scores(config, q, c, pos, q_seg, block)
-    g, dg, _, dh = norm.masked_terms(s, vis, m[..., None], with_grad=True)
-    p = g * inv_z[..., None]
-    dphi = None
-    if norm.has_transform:
-      p, dphi = jax.jvp(norm.transform, (p,), (jnp.ones_like(p),))
-      p = jnp.where(vis, p, 0.0)
-    dp = _dot("bkrv,bkjv->bkrj", do, block[1])
-    return raw, g * inv_z[..., None], p, dg, dh, dphi, dp
-
+  q, k, v, mask, o, m, inv_z = residuals
+  norm, block_q, block_kv = config.normalizer, config.blocks.q_bwd, config.blocks.kv_bwd
+  seq = q.shape[1]
+  tiles = _Tiles(seq, config.group, block_q)
+  keys = _KeyBlocks.make(k, v, mask, block_kv)
+  meta = _metadata(mask, tiles, keys)
+  cut = lambda x: None if x is None else tiles.cut(x)
+  q_t, do_t, m_t, z_t, pos_t = cut(q), cut(do), cut(m), cut(inv_z), tiles.per_row(mask.positions(seq))
+  seg_t = None if mask.q_segment_ids is None else tiles.per_row(mask.q_segment_ids)
   if norm.has_transform:
-    def d_body(total, block):
-      _, p_pre, _, _, _, dphi, dp = recompute(block)
-      return total + jnp.sum(p_pre * dphi * dp, -1), None
-    d_rows, _ = jax.lax.scan(d_body, jnp.zeros(q.shape[:3], jnp.float32), blocks)
+    def delta_block(xs):
+      qi, q_i, do_i, m_i, z_i, pos_i, seg_i = xs
+      def step(total, k_j, v_j, vis):
+        return total + _tile.transform_delta(norm, _tile.mm_nt(q_i, k_j), vis, m_i, z_i, _tile.mm_nt(do_i, v_j))
+      return _key_loop(config, meta, keys, qi, pos_i, seg_i, jnp.zeros(q_i.shape[:-1] + (1,), jnp.float32), step)
+    delta_t = _map(delta_block, (jnp.arange(tiles.count), q_t, do_t, m_t, z_t, pos_t, seg_t), tiles.count)
   elif norm.normalized:
-    d_rows = jnp.sum(do * o, -1)
+    delta_t = cut(jnp.sum(do.astype(jnp.float32) * o, axis=-1, keepdims=True))
+  else:
+    delta_t = None
+  pick = lambda x, i: None if x is None else _at(x, i)
 
-  def grad_body(carry, block):
-    dq, dc = carry
-    raw, _, p, dg, dh, dphi, dp = recompute(block)
-    dv_j = _dot("bkrj,bkrv->bkjv", p, do)
-    if dphi is not None:
-      dp = dp * dphi
-    ds = dg * dp
-    if norm.normalized:
-      ds = (ds - dh * d_rows[..., None]) * inv_z[..., None]
-    dc = dc + jnp.sum(ds * raw, -1)
-    draw = ds * c[..., None]
-    dq = dq + _dot("bkrj,bkjd->bkrd", draw, block[0])
-    return (dq, dc), (_dot("bkrj,bkrd->bkjd", draw, q), dv_j)
+  def tile(i, k_j, v_j, key_idx, kv_seg, key_ok, _, masked):
+    """``(dK, dV, dQ)`` contributions of tile (query block ``i``, this key block)."""
+    q_i, do_i = _at(q_t, i), _at(do_t, i)
+    vis = _visible(config, keys, _at(pos_t, i), pick(seg_t, i), key_idx, kv_seg, key_ok) if masked else None
+    p, ds = _tile.backward_step(norm, _tile.mm_nt(q_i, k_j), vis, pick(m_t, i), pick(z_t, i),
+                                _tile.mm_nt(do_i, v_j), pick(delta_t, i))
+    return _tile.mm_tn(ds, q_i), _tile.mm_tn(p, do_i), _tile.mm(ds, k_j)
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(c.shape, jnp.float32))
-  (dq, dc), (dk, dv) = jax.lax.scan(grad_body, init, blocks)
-  merge = lambda x, like: jnp.moveaxis(x, 0, 2).reshape(like.shape).astype(like.dtype)
-  return dq.astype(q.dtype), merge(dk, k), merge(dv, v), dc, None, None, (None, None)
+  def key_block(dq_t, j):
+    block = keys.take(j)
+    zeros = (jnp.zeros(block[0].shape, jnp.float32), jnp.zeros(block[1].shape, jnp.float32),
+             jnp.zeros(q_t.shape[1:], jnp.float32))
+
+    def body(i, carry):  # the switch returns the tile's contributions (never the whole dQ accumulator)
+      dq_t, dk_j, dv_j = carry
+      step = functools.partial(tile, i, *block)
+      dk_add, dv_add, dq_add = (step(zeros, True) if meta is None
+                                else _blocks.by_class(_at(meta.classes[0], i, j), step, zeros))
+      return jax.lax.dynamic_update_index_in_dim(dq_t, _at(dq_t, i) + dq_add, i, 0), dk_j + dk_add, dv_j + dv_add
+
+    init = (dq_t, zeros[0], zeros[1])
+    if meta is None:
+      dq_t, dk_j, dv_j = body(0, init)
+    else:
+      dq_t, dk_j, dv_j = jax.lax.fori_loop(_at(meta.q_lo[0], j), _at(meta.q_hi[0], j), body, init)
+    return dq_t, (dk_j, dv_j)
+
+  dq0 = jnp.zeros(q_t.shape, jnp.float32)
+  if meta is None:
+    dq_t, (dk, dv) = key_block(dq0, 0)
+    dk, dv = dk[None], dv[None]
+  else:
+    dq_t, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(keys.count))
+  num_keys = keys.num_keys
+  merge = lambda x, like: jnp.moveaxis(x, 0, 2).reshape(like.shape[0], like.shape[2], -1, like.shape[3])[
+      :, :, :num_keys].transpose(0, 2, 1, 3).astype(like.dtype)
+  return tiles.join(dq_t).astype(q.dtype), merge(dk, k), merge(dv, v), None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

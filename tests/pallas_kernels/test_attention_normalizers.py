@@ -171,13 +171,19 @@ def test_sort_based_gradients_match_finite_differences(name):
 
 @pytest.mark.parametrize("name", ["sparsemax", "entmax15"])
 def test_sort_based_are_reference_only(name):
-  q = k = v = jnp.ones((1, 2, 1, 2))
+  """xla refuses them; auto (and an explicit sequence) fall back to reference with a FallbackWarning and give
+  the formula's weights."""
+  scores = [-2.0, 0.0, 0.5, 0.3]
+  q = jnp.ones((1, 1, 1, 1))
+  k = jnp.asarray(scores).reshape(1, 4, 1, 1)
+  v = jnp.eye(4).reshape(1, 4, 1, 4)
   with pytest.raises(NotImplementedError, match=r'implementation="reference" or a sequence \("xla", "reference"\)'):
     pallas_kernels.attention(q, k, v, normalizer=name, implementation="xla")
-  with pytest.raises(NotImplementedError, match="reference"):
-    pallas_kernels.attention(q, k, v, normalizer=name)  # auto ends in xla
-  np.testing.assert_allclose(pallas_kernels.attention(q, k, v, normalizer=name, implementation=("xla", "reference")),
-                             pallas_kernels.attention(q, k, v, normalizer=name, implementation="reference"))
+  for implementation in (None, ("xla", "reference")):
+    with pytest.warns(pallas_kernels.FallbackWarning, match=f"ran 'reference' after xla: normalizer '{name}'"):
+      got = pallas_kernels.attention(q, k, v, normalizer=name, causal=False, scale=1.0,
+                                     implementation=implementation)
+    np.testing.assert_allclose(got[0, 0, 0], FORMULAS[name](np.array(scores), 4), rtol=1e-5, atol=1e-6)
 
 
 def test_normalizer_registry_and_instances():

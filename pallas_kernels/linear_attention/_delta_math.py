@@ -21,6 +21,7 @@ d delta^T w``; the parallel pass differentiates ``delta = u - w S^T`` through ``
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention import _gla_math
 from pallas_kernels.linear_attention._tiles import (as_col, causal_mask, iota, last_row_mask, masked_exp, mm, mm_nt,
@@ -44,11 +45,12 @@ def unit_lower_inverse(a, *, blocked: bool = True):
   if not blocked:
     i, j = iota((size, size), 0), iota((size, size), 1)
     inverse = (i == j).astype(_F32)
-    half = 1
+    half, level = 1, 0  # i >> level: the block of size ``half`` holding row i (shifts: Mosaic has no int div)
     while half < size:
-      quadrant = (i // (2 * half) == j // (2 * half)) & ((i // half) % 2 == 1) & ((j // half) % 2 == 0)
+      quadrant = (((i >> (level + 1)) == (j >> (level + 1))) & (((i >> level) & 1) == 1)
+                  & (((j >> level) & 1) == 0))
       inverse = inverse - mm(inverse, mm(jnp.where(quadrant, a, 0.0), inverse, _F32), _F32)
-      half *= 2
+      half, level = 2 * half, level + 1
     return inverse
   full = 1 << max(size - 1, 0).bit_length()
   lead = a.shape[:-2]
@@ -150,3 +152,63 @@ def grads(q, k, v, beta, G, G_last, state_VK, delta, d_delta, dstate_VK, do, dty
   dG = (row_sum(d_pairs) - as_col(jnp.sum(d_pairs, axis=-2, keepdims=True)) + d_start - to_end
         + jnp.where(last_row_mask(chunk), d_last, 0.0))
   return dq, dk, dv, dbeta, dG
+
+
+# ---- inside a kernel: one chunk (or a V tile of it) in refs --------------------------------------------------
+
+
+def _chunk(refs, base, chunk: int):
+  """Loads the rows of the chunk at ``base`` from each ref (None stays None)."""
+  return [None if ref is None else ref[pl.ds(base, chunk), :] for ref in refs]
+
+
+def _last_row(G_ref, base, chunk: int):
+  return None if G_ref is None else G_ref[pl.ds(base + chunk - 1, 1), :]
+
+
+def kernel_prepare(k_ref, v_ref, beta_ref, G_ref, w_ref, u_ref, *, chunk: int, dtype):
+  """Writes ``w``, ``u`` of one chunk (the in-kernel masked-dot inverse)."""
+  k, v, beta, G = _chunk((k_ref, v_ref, beta_ref, G_ref), 0, chunk)
+  w, u, _ = prepare(k, v, beta, G, dtype, blocked=False)
+  w_ref[...], u_ref[...] = w.astype(w_ref.dtype), u.astype(u_ref.dtype)
+
+
+def kernel_state_step(w_ref, u_ref, k_ref, G_ref, delta_ref, base, chunk: int, state_VK, dtype):
+  """The states pass over the chunk at row ``base`` (``u``, ``delta`` and the state may be V tiles): writes its
+  ``delta`` rows, returns the state after it."""
+  w, u, k, G = _chunk((w_ref, u_ref, k_ref, G_ref), base, chunk)
+  G_last = _last_row(G_ref, base, chunk)
+  delta, new = state_step(w, u, _gla_math.key_to_end(k, G, G_last), _gla_math.carry(G_last), state_VK, dtype)
+  delta_ref[pl.ds(base, chunk), :] = delta.astype(delta_ref.dtype)
+  return new
+
+
+def kernel_output(q_ref, k_ref, G_ref, delta_ref, state_VK, o_ref, *, chunk: int, scale: float, dtype):
+  """Writes ``o`` of one chunk (``delta``, ``o`` and the state may be V tiles)."""
+  q, k, G, delta = _chunk((q_ref, k_ref, G_ref, delta_ref), 0, chunk)
+  o_ref[...] = (scale * output(q, k, G, delta, state_VK, dtype)).astype(o_ref.dtype)
+
+
+def kernel_state_grad_step(q_ref, k_ref, w_ref, G_ref, do_ref, d_delta_ref, base, chunk: int, dstate_VK,
+                           scale: float, dtype):
+  """The reverse state pass over the chunk at row ``base`` (``do``, ``d delta`` and the state cotangent may be
+  V tiles): writes its ``d delta`` rows, returns the cotangent of the state entering it."""
+  q, k, w, G, do = _chunk((q_ref, k_ref, w_ref, G_ref, do_ref), base, chunk)
+  G_last = _last_row(G_ref, base, chunk)
+  d_delta_intra, write = state_grad_inputs(q, k, G, scale * do.astype(_F32), dtype)
+  d_delta, dstate = state_grad_step(d_delta_intra, write, _gla_math.key_to_end(k, G, G_last),
+                                    w, _gla_math.carry(G_last), dstate_VK, dtype)
+  d_delta_ref[pl.ds(base, chunk), :] = d_delta.astype(d_delta_ref.dtype)
+  return dstate
+
+
+def kernel_grads(q_ref, k_ref, v_ref, beta_ref, G_ref, state_VK, delta_ref, d_delta_ref, dstate_VK, do_ref,
+                 grad_refs, *, chunk: int, scale: float, dtype):
+  """Writes ``(dq, dk, dv, dbeta[, dG])`` of one chunk (whole K and V)."""
+  q, k, v, beta, G, delta, d_delta, do = _chunk((q_ref, k_ref, v_ref, beta_ref, G_ref, delta_ref, d_delta_ref,
+                                                 do_ref), 0, chunk)
+  grads_ = grads(q, k, v, beta, G, _last_row(G_ref, 0, chunk), state_VK, delta, d_delta, dstate_VK,
+                 scale * do.astype(_F32), dtype, blocked=False)
+  for ref, x in zip(grad_refs, grads_):
+    if x is not None:
+      ref[...] = x.astype(ref.dtype)

@@ -78,16 +78,20 @@ def inter_output(q, G, state_VK, dtype):
 
 
 def inter_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, dtype):
-  """Gradients through the incoming state and the state write: ``(dq, dk, dv, dG_last)`` with ``dG_last``
-  ``(1, K')`` the part of ``dG`` on the last row (``dq``/``dk`` still need ``q * dq - k * dk`` in ``dG``)."""
+  """Gradients through the incoming state and the state write: ``(dq, dk, dv, d_last)``, ``d_last`` ``(1, K')``
+  the keys' part of ``dG`` on the last row (``sum_j k_j * dk_j``; add :func:`carry_grad`)."""
   dq = decayed(mm(do, state_VK, dtype), G)
   dk = key_to_end(mm(v, dstate_VK, dtype), G, G_last)
   dv = mm_nt(key_to_end(k, G, G_last), dstate_VK, dtype)
-  if G is None:
-    return dq, dk, dv, None
-  d_last = jnp.exp(G_last) * jnp.sum(state_VK * dstate_VK, axis=-2, keepdims=True) + jnp.sum(
-      k * dk, axis=-2, keepdims=True)
-  return dq, dk, dv, reduce_to(d_last, G)
+  d_last = None if G is None else reduce_to(jnp.sum(k.astype(jnp.float32) * dk, axis=-2, keepdims=True), G)
+  return dq, dk, dv, d_last
+
+
+def carry_grad(G_last, state_VK, dstate_VK):
+  """The carry's part of ``dG`` on the last row: ``exp(G_C) * sum_v S * dS'`` ``(1, K')``."""
+  if G_last is None:
+    return None
+  return reduce_to(jnp.exp(G_last) * jnp.sum(state_VK * dstate_VK, axis=-2, keepdims=True), G_last)
 
 
 def gate_grad(q, k, dq, dk, G, d_last):
@@ -293,47 +297,81 @@ def _precision(dtype):
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-# ---- intra-chunk scores inside a kernel (16-row blocks loaded from refs) ------------------------------------
+# ---- inside a kernel: one chunk (or a K / V tile of it) in refs -------------------------------------------------
 
 BLOCK = 16  # rows of a kernel sub-chunk (Triton's smallest dot)
 
 
-class BlockScores:
-  """``A`` of one chunk inside a kernel, block by block: refs ``q``, ``k`` ``(rows, K)``, ``G`` ``(rows, K')``
-  float32; the chunk starts at row ``base``. Off-diagonal blocks factorise around the first row of the query
-  block (both factors <= 1, one dot); a diagonal block loops over its 16 key columns with the pairwise
-  exponent masked before ``exp`` (flash-linear-attention ``chunk_gla_fwd_kernel_intra``)."""
+def _rows(ref, start, size: int):
+  return ref[pl.ds(start, size), :]
 
-  def __init__(self, q_ref, k_ref, G_ref, base, chunk: int, dtype):
-    self.refs, self.base, self.num, self.dtype = dict(q=q_ref, k=k_ref, G=G_ref), base, chunk // BLOCK, dtype
+
+def _chunk_decay(G_ref, base, chunk: int):
+  """``(G, G_C)`` of the chunk at row ``base`` (``(None, None)`` without decay)."""
+  if G_ref is None:
+    return None, None
+  return _rows(G_ref, base, chunk), _rows(G_ref, base + chunk - 1, 1)
+
+
+def kernel_state_step(k_ref, v_ref, G_ref, base, chunk: int, state_VK, dtype):
+  """The states pass over the chunk at row ``base`` (refs may be K / V tiles): the state after it."""
+  G, G_last = _chunk_decay(G_ref, base, chunk)
+  write = state_write(_rows(k_ref, base, chunk), _rows(v_ref, base, chunk), G, G_last, dtype)
+  return advance(state_VK, carry(G_last), write)
+
+
+def kernel_state_grad_step(q_ref, G_ref, do_ref, base, chunk: int, dstate_VK, scale: float, dtype):
+  """The reverse state pass over the chunk at row ``base``: the cotangent of the state entering it."""
+  G, G_last = _chunk_decay(G_ref, base, chunk)
+  do = scale * _rows(do_ref, base, chunk).astype(jnp.float32)
+  return advance(dstate_VK, carry(G_last), state_grad_write(_rows(q_ref, base, chunk), G, do, dtype))
+
+
+class BlockScores:
+  """``A`` of one chunk inside a kernel, 16-row block by block, from refs ``q``, ``k`` ``(C, K)`` and ``G``
+  ``(C, K')`` float32 (or None). Off-diagonal blocks factorise around the first row of the query block (both
+  factors <= 1, one dot); a diagonal block uses the pairwise exponent masked before ``exp``: a ``(16, 16)``
+  matrix for a per-head decay, a loop over the 16 key columns for a per-channel one
+  (flash-linear-attention ``chunk_gla_fwd_kernel_intra``)."""
+
+  def __init__(self, q_ref, k_ref, G_ref, chunk: int, dtype):
+    self.refs, self.num, self.dtype = dict(q=q_ref, k=k_ref, G=G_ref), chunk // BLOCK, dtype
     self._cache = {}
 
   def load(self, name: str, i: int):
-    """Rows of block ``i`` of ``q``/``k`` (their dtype) or ``G`` (float32)."""
+    """Rows of block ``i`` of ``q``/``k`` (their dtype) or ``G`` (None without decay)."""
+    if self.refs[name] is None:
+      return None
     if (name, i) not in self._cache:
-      self._cache[name, i] = self.refs[name][pl.ds(self.base + i * BLOCK, BLOCK), :]
+      self._cache[name, i] = _rows(self.refs[name], i * BLOCK, BLOCK)
     return self._cache[name, i]
 
+  @staticmethod
+  def _row(x, r: int):
+    return jnp.sum(jnp.where(iota(x.shape, 0) == r, x, 0.0), axis=0, keepdims=True)
+
   def _factors(self, i: int, j: int):
-    G_i = self.load("G", i)
-    first = jnp.sum(jnp.where(iota(G_i.shape, 0) == 0, G_i, 0.0), axis=0, keepdims=True)
+    """``(q_i exp(G_i - G_r), k_j exp(G_r - G_j), exp(G_i - G_r), exp(G_r - G_j))``, ``r`` the first row of i."""
+    q, k, G_i = self.load("q", i), self.load("k", j), self.load("G", i)
+    if G_i is None:
+      return q, k, 1.0, 1.0
+    first = self._row(G_i, 0)
     up, down = jnp.exp(G_i - first), jnp.exp(first - self.load("G", j))
-    return self.load("q", i) * up, self.load("k", j) * down, up, down
+    return q * up, k * down, up, down
 
   def _column_decay(self, i: int, col: int):
     """``(16, K')``: ``exp(G_a - G_col)`` for rows ``a >= col`` of block ``i``, 0 above."""
     G = self.load("G", i)
-    G_col = jnp.sum(jnp.where(iota(G.shape, 0) == col, G, 0.0), axis=0, keepdims=True)
-    return masked_exp(G - G_col, iota((BLOCK, 1), 0) >= col)
-
-  def _row(self, x, r: int):
-    return jnp.sum(jnp.where(iota(x.shape, 0) == r, x, 0.0), axis=0, keepdims=True)
+    return masked_exp(G - self._row(G, col), iota((BLOCK, 1), 0) >= col)
 
   def block(self, i: int, j: int):
     """``A`` block (query block ``i``, key block ``j <= i``), float32 ``(16, 16)``, zero above the diagonal."""
     if i != j:
       q_t, k_t, _, _ = self._factors(i, j)
       return mm_nt(q_t, k_t, self.dtype)
+    G = self.load("G", i)
+    if G is None or G.shape[-1] == 1:
+      return head_scores(self.load("q", i), self.load("k", i), None if G is None else head_decay(G), self.dtype)
     q, k = self.load("q", i).astype(jnp.float32), self.load("k", i).astype(jnp.float32)
     cols = iota((BLOCK, BLOCK), 1)
     scores = jnp.zeros((BLOCK, BLOCK), jnp.float32)
@@ -347,6 +385,10 @@ class BlockScores:
     if i != j:
       q_t, k_t, up, down = self._factors(i, j)
       return mm(dA, k_t, self.dtype) * up, mm_tn(dA, q_t, self.dtype) * down
+    G = self.load("G", i)
+    if G is None or G.shape[-1] == 1:
+      dP = dA if G is None else dA * head_decay(G)
+      return mm(dP, self.load("k", i), self.dtype), mm_tn(dP, self.load("q", i), self.dtype)
     q, k = self.load("q", i).astype(jnp.float32), self.load("k", i).astype(jnp.float32)
     dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
     for col in range(BLOCK):
@@ -355,3 +397,46 @@ class BlockScores:
       dq = dq + d_col * self._row(k, col) * decay
       dk = dk + jnp.where(iota((BLOCK, 1), 0) == col, jnp.sum(d_col * q * decay, axis=0, keepdims=True), 0.0)
     return dq, dk
+
+
+def kernel_output(q_ref, k_ref, v_ref, G_ref, state_VK, o_ref, *, chunk: int, scale: float, dtype):
+  """Writes ``o`` of one chunk (``v``, ``o`` and the state may be V tiles)."""
+  scores = BlockScores(q_ref, k_ref, G_ref, chunk, dtype)
+  for i in range(scores.num):
+    acc = inter_output(scores.load("q", i), scores.load("G", i), state_VK, dtype)
+    for j in range(i + 1):
+      acc = acc + mm(scores.block(i, j), _rows(v_ref, j * BLOCK, BLOCK), dtype)
+    o_ref[pl.ds(i * BLOCK, BLOCK), :] = (scale * acc).astype(o_ref.dtype)
+
+
+def kernel_grads(q_ref, k_ref, v_ref, G_ref, state_VK, dstate_VK, do_ref, grad_refs, *, chunk: int,
+                 scale: float, dtype):
+  """Writes ``(dq, dk, dv[, dG])`` of one chunk given the state entering it and the cotangent of the state
+  leaving it (whole K and V)."""
+  scores = BlockScores(q_ref, k_ref, G_ref, chunk, dtype)
+  n = scores.num
+  _, G_last = _chunk_decay(G_ref, 0, chunk)
+  do = [scale * _rows(do_ref, i * BLOCK, BLOCK).astype(jnp.float32) for i in range(n)]
+  v = [_rows(v_ref, i * BLOCK, BLOCK) for i in range(n)]
+  dq, dk, dv, d_last = [], [], [], carry_grad(G_last, state_VK, dstate_VK)
+  for i in range(n):
+    dq_i, dk_i, dv_i, d_keys = inter_grads(scores.load("q", i), scores.load("k", i), v[i], scores.load("G", i),
+                                           G_last, state_VK, dstate_VK, do[i], dtype)
+    dq.append(dq_i), dk.append(dk_i), dv.append(dv_i)
+    d_last = None if d_last is None else d_last + d_keys
+  causal = causal_mask(BLOCK)
+  for i in range(n):
+    for j in range(i + 1):
+      dA = mm_nt(do[i], v[j], dtype)
+      dA = jnp.where(causal, dA, 0.0) if i == j else dA
+      dv[j] = dv[j] + mm_tn(scores.block(i, j), do[i], dtype)
+      dq_ij, dk_ij = scores.block_grads(i, j, dA)
+      dq[i], dk[j] = dq[i] + dq_ij, dk[j] + dk_ij
+  for i in range(n):
+    rows = pl.ds(i * BLOCK, BLOCK)
+    grads = (dq[i], dk[i], dv[i])
+    if G_ref is not None:
+      grads += (gate_grad(scores.load("q", i), scores.load("k", i), dq[i], dk[i], scores.load("G", i),
+                          d_last if i == n - 1 else 0.0),)
+    for ref, x in zip(grad_refs, grads):
+      ref[rows, :] = x.astype(ref.dtype)

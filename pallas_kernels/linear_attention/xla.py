@@ -100,8 +100,9 @@ def _gla_grads(q, k, v, G, h_all, dS_all, do, plan):
   h, dS = _grouped_states(h_all, kv), _grouped_states(dS_all, kv)
   do = plan.scale * do.astype(jnp.float32)
   dq_a, dk_a, dv_a = _intra(q, k, G, plan).backward(do, v)
-  dq, dk, dv, d_last = _gla_math.inter_grads(q, k, v, G, _last(G), h, dS, do, plan.dtype)
+  dq, dk, dv, d_keys = _gla_math.inter_grads(q, k, v, G, _last(G), h, dS, do, plan.dtype)
   dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
+  d_last = None if G is None else d_keys + _gla_math.carry_grad(_last(G), h, dS)
   dG = _gla_math.gate_grad(q, k, dq, dk, G, d_last)
   return _flat(dq), _group_sum(dk), _group_sum(dv), None if dG is None else _flat(dG)
 

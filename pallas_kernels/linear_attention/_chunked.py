@@ -18,9 +18,10 @@ head; ``None`` when there is no decay and no segments); ``beta`` ``(B, H|KV, T, 
 zero log decay: the outputs and the final state are unchanged), and ``K``/``V`` to powers of two when the
 backend needs it.
 
-Decays: log decays are clamped at :data:`MIN_LOG_DECAY` (``exp`` of it is 0 in float32, like ``-inf``; no
-``-inf - -inf`` anywhere) and packed sequences (``segment_ids``) become a log decay of ``MIN_LOG_DECAY`` at each
-sequence start, which empties the state exactly like a reset. The cumulative sum and these edits are plain
+Decays: log decays are clamped at :data:`._tiles.MIN_LOG_DECAY` (-30: ``exp(-30) ~ 9e-14``, below float32
+resolution, so ``-inf`` empties the state to working precision and no ``-inf - -inf`` arises), and packed
+sequences (``segment_ids``) become that log decay at each sequence start, which empties the state the same
+way. The cumulative sum and these edits are plain
 JAX outside the ``custom_vjp``, so the gradient of the per-step log decays is autodiff's reverse cumsum of the
 passes' ``dG``.
 """

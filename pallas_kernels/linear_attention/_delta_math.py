@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention import _gla_math
-from pallas_kernels.linear_attention._tiles import (as_col, causal_mask, iota, last_row_mask, masked_exp, mm, mm_nt,
-                                                    mm_tn)
+from pallas_kernels.linear_attention._tiles import (as_col, causal_mask, iota, last_row_mask, mm, mm_nt, mm_tn,
+                                                    wide)
 
 _F32 = jnp.float32
 
@@ -83,14 +83,14 @@ def prepare(k, v, beta, G, dtype, *, blocked: bool = True):
   beta = beta.astype(_F32)
   a = jnp.where(causal_mask(chunk, strict=True), beta * mm_nt(k, k, dtype) * D, 0.0)
   t = unit_lower_inverse(a, blocked=blocked)
-  w = mm(t, _gla_math.decayed(beta * k.astype(_F32), G), dtype)
-  u = mm(t, beta * v.astype(_F32), dtype)
+  w = mm(t, _gla_math.decayed(beta * k.astype(_F32), G), wide(dtype))
+  u = mm(t, beta * v.astype(_F32), wide(dtype))
   return w, u, t
 
 
 def state_step(w, u, k_end, carry, state_VK, dtype):
   """One chunk of the state pass: ``(delta, S')`` from ``S`` (``k_end = k * exp(G_C - G)``, ``carry = exp(G_C)``)."""
-  delta = u - mm_nt(w, state_VK, dtype)
+  delta = u - mm_nt(w, state_VK, wide(dtype))  # cancels: not in 16 bits
   return delta, _gla_math.advance(state_VK, carry, mm_tn(delta, k_end, dtype))
 
 
@@ -104,13 +104,13 @@ def state_grad_inputs(q, k, G, do, dtype):
   """The parts of the reverse state pass that do not depend on the state: ``(((q k^T) * D)^T do,
   do^T (q * exp(G)))`` (``do`` scaled)."""
   scores = mm_nt(q, k, dtype) * decay_matrix(G, q.shape[-2])
-  return mm_tn(scores, do, dtype), _gla_math.state_grad_write(q, G, do, dtype)
+  return mm_tn(scores, do, wide(dtype)), _gla_math.state_grad_write(q, G, do, dtype)
 
 
 def state_grad_step(d_delta_intra, dstate_write, k_end, w, carry, dstate_VK, dtype):
   """One chunk of the reverse state pass: ``(d delta, dS)`` from ``dS'``."""
   d_delta = d_delta_intra + mm_nt(k_end, dstate_VK, dtype)
-  return d_delta, _gla_math.advance(dstate_VK, carry, dstate_write) - mm_tn(d_delta, w, dtype)
+  return d_delta, _gla_math.advance(dstate_VK, carry, dstate_write) - mm_tn(d_delta, w, wide(dtype))
 
 
 def grads(q, k, v, beta, G, G_last, state_VK, delta, d_delta, dstate_VK, do, dtype, *, blocked: bool = True):
@@ -127,16 +127,17 @@ def grads(q, k, v, beta, G, G_last, state_VK, delta, d_delta, dstate_VK, do, dty
   strict = causal_mask(chunk, strict=True)
   # o = (q e^G) S^T + (qk D) delta;  S' = carry S + delta^T k_end
   dq_state = mm(do, state_VK, dtype)
-  d_qk = mm_nt(do, delta, dtype)  # cotangent of q k^T (before D)
-  dk_end = mm(delta, dstate_VK, dtype)
+  w_dtype = wide(dtype)
+  d_qk = mm_nt(do, delta, w_dtype)  # cotangent of q k^T (before D)
+  dk_end = mm(delta, dstate_VK, w_dtype)
   # delta = u - w S^T;  w = T X_w, u = T X_u;  A = strict(beta kk D)
-  dx_w = -mm_tn(t, mm(d_delta, state_VK, dtype), _F32)
+  dx_w = -mm_tn(t, mm(d_delta, state_VK, w_dtype), _F32)
   dx_u = mm_tn(t, d_delta, _F32)
   dA = -jnp.where(strict, mm_nt(dx_w, w, _F32) + mm_nt(dx_u, u, _F32), 0.0)
   d_kk = dA * beta * D
   x_w_factor = _gla_math.decayed(beta, G)  # beta exp(G)
-  dq = _gla_math.decayed(dq_state, G) + mm(d_qk * D, k, dtype)
-  dk = (mm_tn(d_qk * D, q, dtype) + mm(d_kk, k, dtype) + mm_tn(d_kk, k, dtype) + x_w_factor * dx_w
+  dq = _gla_math.decayed(dq_state, G) + mm(d_qk * D, k, w_dtype)
+  dk = (mm_tn(d_qk * D, q, w_dtype) + mm(d_kk, k, w_dtype) + mm_tn(d_kk, k, w_dtype) + x_w_factor * dx_w
         + _gla_math.key_to_end(dk_end, G, G_last))
   dv = beta * dx_u
   row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=True)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention._tiles import (as_row, causal_mask, iota, last_row_mask, masked_exp, mm,
-                                                    mm_nt, mm_tn)
+                                                    mm_nt, mm_tn, precision, wide)
 
 # ---- the inter-chunk terms (whole chunks or tiles of K / V) ------------------------------------------------
 
@@ -138,7 +138,8 @@ class HeadScores:
   def backward(self, do, v):
     dA = mm_nt(do, v, self.dtype)
     dP = jnp.where(causal_mask(dA.shape[-1]), dA, 0.0) if self.D is None else dA * self.D
-    return mm(dP, self.k, self.dtype), mm_tn(dP, self.q, self.dtype), mm_tn(self.A, do, self.dtype)
+    w = wide(self.dtype)
+    return mm(dP, self.k, w), mm_tn(dP, self.q, w), mm_tn(self.A, do, w)
 
 
 def row_dot(a, b):
@@ -254,8 +255,9 @@ class SecondaryChunkScores:
   def _unpad(self, x):
     return x[..., :self.chunk, :]
 
-  def _level_dot(self, spec, a, b):
-    return jnp.einsum(spec, a.astype(self.dtype), b.astype(self.dtype), precision=_precision(self.dtype),
+  def _level_dot(self, spec, a, b, backward=False):
+    dtype = wide(self.dtype) if backward else self.dtype
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision(dtype),
                       preferred_element_type=jnp.float32)
 
   def _diagonals(self):
@@ -287,14 +289,10 @@ class SecondaryChunkScores:
       quadrant = (iota((2 * half, 2 * half), 0) >= half) & (iota((2 * half, 2 * half), 1) < half)
       scores = self._level_dot("...Bik,...Bjk->...Bij", q_t, k_t)
       dA = jnp.where(quadrant, self._level_dot("...Biv,...Bjv->...Bij", do_b, v_b), 0.0)
-      dv = dv + self._level_dot("...Bij,...Biv->...Bjv", scores, do_b).reshape(dv.shape)
-      dq = dq + (self._level_dot("...Bij,...Bjk->...Bik", dA, k_t) * factor).reshape(dq.shape)
-      dk = dk + (self._level_dot("...Bij,...Bik->...Bjk", dA, q_t) * factor).reshape(dk.shape)
+      dv = dv + self._level_dot("...Bij,...Biv->...Bjv", scores, do_b, True).reshape(dv.shape)
+      dq = dq + (self._level_dot("...Bij,...Bjk->...Bik", dA, k_t, True) * factor).reshape(dq.shape)
+      dk = dk + (self._level_dot("...Bij,...Bik->...Bjk", dA, q_t, True) * factor).reshape(dk.shape)
     return self._unpad(dq), self._unpad(dk), self._unpad(dv)
-
-
-def _precision(dtype):
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 # ---- inside a kernel: one chunk (or a K / V tile of it) in refs -------------------------------------------------
@@ -382,13 +380,14 @@ class BlockScores:
 
   def block_grads(self, i: int, j: int, dA):
     """``(dq_i, dk_j)`` through block ``(i, j)`` given its cotangent ``dA`` (zero above the diagonal)."""
+    w = wide(self.dtype)
     if i != j:
       q_t, k_t, up, down = self._factors(i, j)
-      return mm(dA, k_t, self.dtype) * up, mm_tn(dA, q_t, self.dtype) * down
+      return mm(dA, k_t, w) * up, mm_tn(dA, q_t, w) * down
     G = self.load("G", i)
     if G is None or G.shape[-1] == 1:
       dP = dA if G is None else dA * head_decay(G)
-      return mm(dP, self.load("k", i), self.dtype), mm_tn(dP, self.load("q", i), self.dtype)
+      return mm(dP, self.load("k", i), w), mm_tn(dP, self.load("q", i), w)
     q, k = self.load("q", i).astype(jnp.float32), self.load("k", i).astype(jnp.float32)
     dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
     for col in range(BLOCK):
@@ -429,7 +428,7 @@ def kernel_grads(q_ref, k_ref, v_ref, G_ref, state_VK, dstate_VK, do_ref, grad_r
     for j in range(i + 1):
       dA = mm_nt(do[i], v[j], dtype)
       dA = jnp.where(causal, dA, 0.0) if i == j else dA
-      dv[j] = dv[j] + mm_tn(scores.block(i, j), do[i], dtype)
+      dv[j] = dv[j] + mm_tn(scores.block(i, j), do[i], wide(dtype))
       dq_ij, dk_ij = scores.block_grads(i, j, dA)
       dq[i], dk[j] = dq[i] + dq_ij, dk[j] + dk_ij
   for i in range(n):

@@ -41,8 +41,8 @@ class Config:
     block_v: V tile of the state passes and of the output passes.
     num_warps: Triton warps per program (ignored on TPU).
     num_stages: Triton software-pipelining stages (ignored on TPU).
-    states_dtype: dtype of the chunk states the forward stores for the output pass ("float32" or "bfloat16";
-      accumulation is always float32, and the backward recomputes them in float32).
+    states_dtype: dtype of the chunk states stored between passes ("float32" or "bfloat16"; the state passes
+      accumulate in float32 either way).
   """
   block_k: int = 64
   block_v: int = 64

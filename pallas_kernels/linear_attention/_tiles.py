@@ -8,7 +8,10 @@ from 2-D iotas, and nothing slices or reshapes a value.
 
 Dot policy (``dtype``): operands are cast to the compute dtype and accumulate in float32; a float32 compute
 dtype runs at ``HIGHEST`` precision (IEEE on GPUs, no TF32; exact passes on the MXU), a 16-bit one at the
-native rate (tensor cores / MXU). Decay arithmetic (``exp`` of cumulative log decays) is always float32.
+native rate (tensor cores / MXU). With 16-bit inputs, the forward's dots and those of the inputs themselves
+run in 16 bits, as flash-linear-attention's kernels do; the dots of float32 intermediates where 16 bits lose
+too much (score cotangents, the WY/UT factors, the delta-rule correction ``w S^T``, which cancels) take
+:func:`wide`: float32 at ``HIGHEST``. Decay arithmetic (``exp`` of cumulative log decays) is always float32.
 """
 
 from __future__ import annotations
@@ -16,12 +19,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MIN_LOG_DECAY = -110.0  # exp(-110) is 0 in float32 like exp(-inf); log decays are clamped here (no inf - inf)
+# Log decays are clamped here (no -inf - -inf anywhere). exp(-30) ~ 9e-14 is below float32 resolution
+# (1.2e-7) relative to whatever the state holds, so -inf, -1e4 and a segment start all empty the state to
+# working precision; a smaller magnitude also keeps the within-chunk cumulative sums, whose differences are
+# the exponents, small (float32 rounding of a difference grows with the magnitude of the sums).
+MIN_LOG_DECAY = -30.0
+
+
+def wide(dtype):
+  """The dot dtype of the backward's float32 intermediates: float32 whatever the inputs (see above)."""
+  del dtype
+  return jnp.float32
+
+
+def precision(dtype):
+  """The ``lax.Precision`` of dots in ``dtype`` (see the module docstring)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def _dot(spec: str, a, b, dtype):
-  precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision,
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision(dtype),
                     preferred_element_type=jnp.float32)
 
 

@@ -5,8 +5,9 @@ Every mixer in this family is ``x -> (q, k, v, log decay) -> recurrence -> norm/
 overrides only the steps its paper changes (``_qkv``, ``_log_decay``, ``_mix``, ``_output``). The
 recurrence itself is always a ``pallas_kernels`` op. Decode follows the flax lm1b idiom: ``model.init(...,
 decode=True)`` creates the ``"cache"`` collection (recurrent state ``(B, H, K, V)`` float32, conv windows,
-``cache_index``), and later ``decode=True`` calls continue the state from it via the ops' ``initial_state`` /
-``return_final_state``, so prefill + token-by-token equals the full-sequence call.
+``cache_index``), and later ``decode=True`` calls continue the state from it: a one-token call runs the ops'
+step form (``linear_attention_step`` / ``delta_rule_step``, ``O(K V)`` per head), a longer one the chunked op
+with ``initial_state`` / ``return_final_state``, so prefill + token-by-token equals the full-sequence call.
 
 Defaults follow flash-linear-attention's layers (fla, the implementation every mixer here cites), so that a
 layer trained with fla computes the same function here once its weights are imported
@@ -80,6 +81,32 @@ def with_state(module: nn.Module, name: str, fn: Callable, state_shape: tuple[in
     return fn(None)[0]
   o, state.value = fn(state.value)
   return o
+
+
+def run_recurrence(q, k, v, log_decay, state, *, beta=None, scale=None, segment_ids=None, implementation=None,
+                   chunk_size=None):
+  """``(o, final_state)`` of ``linear_attention`` (``delta_rule`` when ``beta`` is given) from ``state``.
+
+  A single token continuing a state (a decode step) runs the ops' one-step form (``linear_attention_step`` /
+  ``delta_rule_step``: ``O(K V)`` per head, no chunk padding); anything longer (prefill) the chunked op.
+  """
+  if state is not None and q.shape[1] == 1:
+    step = lambda x: None if x is None else x[:, 0]
+    kwargs = dict(log_decay=step(log_decay), scale=scale, implementation=step_implementation(implementation))
+    if beta is None:
+      o, state = pallas_kernels.linear_attention_step(step(q), step(k), step(v), state, **kwargs)
+    else:
+      o, state = pallas_kernels.delta_rule_step(step(q), step(k), step(v), step(beta), state, **kwargs)
+    return o[:, None], state
+  op = pallas_kernels.linear_attention if beta is None else functools.partial(pallas_kernels.delta_rule, beta=beta)
+  return op(q, k, v, log_decay=log_decay, scale=scale, initial_state=state, return_final_state=True,
+            segment_ids=segment_ids, implementation=implementation, chunk_size=chunk_size)
+
+
+def step_implementation(implementation):
+  """The names in ``implementation`` that the step ops have ("reference", "xla"); None (auto) if none."""
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation or ())
+  return tuple(n for n in names if n in ("reference", "xla")) or None
 
 
 def flip_time(x: jax.Array | None) -> jax.Array | None:
@@ -246,11 +273,9 @@ class LinearMixer(nn.Module):
 
   def recurrence(self, q, k, v, log_decay, segment_ids, mode, *, beta=None, name: str = "state", scale=None):
     """``pallas_kernels.linear_attention`` (or ``delta_rule`` when ``beta`` is given) with the decode cache
-    ``name`` holding its ``(B, H, K, V)`` state."""
-    op = pallas_kernels.linear_attention if beta is None else functools.partial(pallas_kernels.delta_rule,
-                                                                                 beta=beta)
-    fn = lambda s: op(q, k, v, log_decay=log_decay, scale=scale, initial_state=s, return_final_state=True,
-                      segment_ids=segment_ids, **self.op_options)
+    ``name`` holding its ``(B, H, K, V)`` state (see :func:`run_recurrence`)."""
+    fn = lambda s: run_recurrence(q, k, v, log_decay, s, beta=beta, scale=scale, segment_ids=segment_ids,
+                                  **self.op_options)
     return with_state(self, name, fn, (q.shape[0], q.shape[2], q.shape[3], v.shape[3]), mode)
 
   def output_norm(self, o_BTHV: jax.Array, x_BTD: jax.Array, gate: str | None = None) -> jax.Array:

@@ -27,8 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels
-from gated_jax.layers.linear_base import LinearMixer, check_positive_float
+from gated_jax.layers.linear_base import LinearMixer, check_positive_float, run_recurrence
 from gated_jax.layers.registry import MIXERS
 
 _EMPTY_STABILIZER = -1e30
@@ -86,9 +85,8 @@ class MLSTM(LinearMixer):
     m_BTH = stabilizer_scan(i_BTH, log_decay, m_prev_BH, segment_ids)
     k_scaled = (k.astype(jnp.float32) * jnp.exp(i_BTH - scale_max_BH[:, None])[..., None]).astype(k.dtype)
     v_aug = jnp.concatenate([v, jnp.ones((*v.shape[:3], 1), v.dtype)], axis=-1)
-    o_aug, final_state = pallas_kernels.linear_attention(
-        q, k_scaled, v_aug, log_decay=log_decay, initial_state=initial_state, return_final_state=True,
-        segment_ids=segment_ids, **self.op_options)
+    o_aug, final_state = run_recurrence(q, k_scaled, v_aug, log_decay, initial_state, segment_ids=segment_ids,
+                                        **self.op_options)
     if mode == "step":
       state.value, key_scale.value, stabilizer.value = final_state, scale_max_BH, m_BTH[:, -1]
     o_aug = o_aug.astype(jnp.float32)

@@ -1,11 +1,9 @@
-"""Pallas Triton (GPU) kernels for chunked gated linear attention (GLA arXiv 2312.06635 §4, eqs. 5-6).
-
-Grid ``(B, H)``: each program owns one sequence of one head and walks its chunks with ``lax.fori_loop``,
-carrying the (transposed) ``(V, K)`` float32 state in registers (Triton programs cannot share state across
-the grid). K and V are padded to powers of two (>= 16, for ``tl.dot``) and T to a multiple of the chunk by
-the shared wrapper. Three kernels, as on TPU: forward, state recomputation for the backward, and the backward
-(chunks in reverse). ``triton.CompilerParams`` is passed explicitly: without it the GPU lowering picks
-Mosaic GPU.
+"""Pallas Triton (GPU) kernels of both chunked ops (the passes of :mod:`._pallas`): a sequential pass is one
+program per ``(B, H, V tile, K tile)`` walking the chunks with ``lax.fori_loop`` and the float32 state tile in
+registers (Triton programs cannot share state across a grid axis); parallel passes are one program per
+``(B, H, N, V tile)``. K and V are padded to powers of two (>= 16, for ``tl.dot``) by the wrapper.
+``triton.CompilerParams`` is passed explicitly (without it the GPU lowering picks Mosaic GPU). Opt-in by name
+(``implementation="pallas_triton"``) until validated on a GPU.
 """
 
 from __future__ import annotations
@@ -16,91 +14,64 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import dispatch
-from pallas_kernels.linear_attention import _pallas_chunk as chunk_math
-from pallas_kernels.linear_attention import _pallas_wrap
-
-_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=1)
+from pallas_kernels.linear_attention import _chunked, _pallas
+from pallas_kernels.linear_attention._pallas import Config
 
 
-def _whole(x):
-  """BlockSpec of one (batch, head)'s whole slab of a ``(B, H, ...)`` array."""
-  return pl.BlockSpec((None, None) + x.shape[2:], lambda b, h: (b, h) + (0,) * (x.ndim - 2))
+def default_config() -> Config:
+  """Per-GPU defaults from flash-linear-attention's autotuning space (BK, BV in {32, 64}, 2-4 stages): 64-wide
+  tiles, 4 warps; 3 pipelining stages on Hopper and later, 2 before."""
+  kind = jax.devices()[0].device_kind if jax.devices() else ""
+  hopper = any(name in kind for name in ("H100", "H200", "H800", "GH200", "B100", "B200", "GB200"))
+  return Config(block_k=64, block_v=64, num_warps=4, num_stages=3 if hopper else 2)
 
 
-def _seg_spec(seg):
-  return pl.BlockSpec((None,) + seg.shape[1:], lambda b, h: (b, 0, 0))
+def _tile(dim: int, block: int) -> int:
+  return min(dim, block)  # both powers of two
 
 
-def _call(kernel, args, outs, name):
-  batch, heads = args[0].shape[:2]
+def _params(config: Config, sequential: bool):
+  del sequential
+  return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _scan(s: _pallas.Sizes, inputs, state_in, step, extra_out, *, name, reverse):
+  """A sequential pass: grid ``(B, H, Vt, Kt)``, each program loops over the chunks of whole-sequence blocks."""
+  num, chunk = s.num, s.chunk
+  ids = lambda b, h, vt, kt: (b, h, 0, vt, kt)
+  states_dtype = jnp.dtype(s.plan.options.states_dtype)
+
+  def kernel(*refs):
+    ins, (init_ref, per_chunk_ref, last_ref, *extra_refs) = refs[:len(inputs)], refs[len(inputs):]
+
+    def body(i, state):
+      n = num - 1 - i if reverse else i
+      per_chunk_ref[n] = state.astype(per_chunk_ref.dtype)
+      return step(ins, extra_refs, pl.multiple_of(n * chunk, chunk), state)
+
+    last_ref[...] = jax.lax.fori_loop(0, num, body, init_ref[...])
+
   return pl.pallas_call(
-      kernel, out_shape=outs, grid=(batch, heads),
-      in_specs=[_seg_spec(x) if x.ndim == 3 else _whole(x) for x in args],
-      out_specs=[_whole(o) for o in outs], compiler_params=_PARAMS, interpret=dispatch.interpret_mode(),
-      name=name)(*args)
+      kernel, grid=(s.batch, s.heads, *s.tiles),
+      in_specs=[s.row_spec(x, w, ids, rows=s.seq) for x, w in inputs] + [s.state_spec(ids)],
+      out_specs=[s.state_spec(ids, num), s.state_spec(ids)]
+      + [s.row_spec(shape, w, ids, rows=s.seq) for shape, w in extra_out],
+      out_shape=[s.states_shape(states_dtype), jax.ShapeDtypeStruct(state_in.shape, jnp.float32)]
+      + [shape for shape, _ in extra_out],
+      compiler_params=_params(s.plan.options, True), interpret=dispatch.interpret_mode(),
+      name=f"{name}_triton")(*[x for x, _ in inputs], state_in)
 
 
-def _loop(num_chunks, chunk, body, init, *, reverse=False):
-  """fori_loop over chunks; ``body(n, base, carry)`` with ``base`` the chunk's first row."""
-  def step(i, carry):
-    n = num_chunks - 1 - i if reverse else i
-    return body(n, pl.multiple_of(n * chunk, chunk), carry)
-  return jax.lax.fori_loop(0, num_chunks, step, init)
+PLATFORM = _pallas.Platform("pallas_triton", params=_params, scan=_scan, tile=_tile, default_config=default_config,
+                            pad_pow2=True)
 
 
-def _forward(q, k, v, g, seg, s0, *, scale, chunk):
-  num_chunks = q.shape[2] // chunk
-
-  def kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, s0_ref, o_ref, s_ref):
-    refs = chunk_math.ChunkRefs(q_ref, k_ref, v_ref, g_ref, seg_ref)
-    s_ref[...] = _loop(num_chunks, chunk, lambda n, base, st: chunk_math.forward_chunk(
-        refs, o_ref, base, st, scale=scale, chunk=chunk), s0_ref[...])
-
-  outs = [jax.ShapeDtypeStruct(v.shape, q.dtype), jax.ShapeDtypeStruct(s0.shape, jnp.float32)]
-  return _call(kernel, (q, k, v, g, seg, s0), outs, "linear_attention_fwd_triton")
+def linear_attention(q, k, v, log_decay, *, config: Config | None = None, **kwargs):
+  """Canonical ``linear_attention`` implementation (see ``pallas_kernels.linear_attention``); ``config``
+  overrides :func:`default_config`."""
+  return _chunked.linear_attention(_pallas.backend(PLATFORM, config), q, k, v, log_decay, **kwargs)
 
 
-def _states(q, k, v, g, seg, s0, *, chunk):
-  batch, heads, seq, _ = q.shape
-  num_chunks = seq // chunk
-
-  def kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, s0_ref, h_ref):
-    refs = chunk_math.ChunkRefs(q_ref, k_ref, v_ref, g_ref, seg_ref)
-
-    def body(n, base, st):
-      h_ref[n] = st
-      return chunk_math.state_chunk(refs, base, st, chunk=chunk)
-
-    _loop(num_chunks, chunk, body, s0_ref[...])
-
-  outs = [jax.ShapeDtypeStruct((batch, heads, num_chunks) + s0.shape[2:], jnp.float32)]
-  return _call(kernel, (q, k, v, g, seg, s0), outs, "linear_attention_states_triton")[0]
-
-
-def _backward(q, k, v, g, seg, h, do, ds, *, scale, chunk):
-  num_chunks = q.shape[2] // chunk
-
-  def kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, do_ref, ds_ref, dq_ref, dk_ref, dv_ref, dg_ref,
-             ds0_ref):
-    refs = chunk_math.ChunkRefs(q_ref, k_ref, v_ref, g_ref, seg_ref)
-    ds0_ref[...] = _loop(num_chunks, chunk, lambda n, base, dst: chunk_math.backward_chunk(
-        refs, do_ref, (dq_ref, dk_ref, dv_ref, dg_ref), base, h_ref[n], dst, scale=scale, chunk=chunk),
-        ds_ref[...], reverse=True)
-
-  f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  return _call(kernel, (q, k, v, g, seg, h, do, ds), [f32(q), f32(k), f32(v), f32(g), f32(ds)],
-               "linear_attention_bwd_triton")
-
-
-_KERNELS = _pallas_wrap.Kernels("pallas_triton", _forward, _states, _backward, pad_pow2=True)
-
-
-def linear_attention(q, k, v, log_decay, **kwargs):
-  """Canonical ``linear_attention`` implementation (see ``pallas_kernels.linear_attention``)."""
-  return _pallas_wrap.linear_attention(_KERNELS, q, k, v, log_decay, **kwargs)
-
-
-def delta_rule(q, k, v, beta, log_decay, **kwargs):
-  """Canonical ``delta_rule`` implementation: the chunked WY/UT kernels of :mod:`._pallas_delta_triton`."""
-  from pallas_kernels.linear_attention import _pallas_delta_triton  # imports this module's grid helpers
-  return _pallas_delta_triton.delta_rule(q, k, v, beta, log_decay, **kwargs)
+def delta_rule(q, k, v, beta, log_decay, *, config: Config | None = None, **kwargs):
+  """Canonical ``delta_rule`` implementation (see ``pallas_kernels.delta_rule``)."""
+  return _chunked.delta_rule(_pallas.backend(PLATFORM, config), q, k, v, beta, log_decay, **kwargs)

@@ -1,10 +1,12 @@
-"""Fast pure-XLA chunked implementations (the CPU default): chunked GLA (arXiv 2312.06635 §4) and the
-chunked WY/UT gated delta rule (arXiv 2412.06464 §3.3). The chunk formulas live in :mod:`._chunk_math`; this
-module adds the numerically safe intra-chunk scores for per-key-channel decays ("secondary chunking",
-flash-linear-attention ``chunk_gla_fwd``): the chunk is split into sub-chunks of ``_SUB`` steps; an
-off-diagonal sub-chunk pair factorises around the first step ``r`` of the query sub-chunk,
-``exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)`` with both exponents <= 0, and runs as one matmul; a
-diagonal pair uses masked pairwise exponents. Memory is linear in ``T``; gradients come from autodiff.
+"""Fast pure-XLA implementations (the default everywhere until a Pallas kernel is validated): the chunked
+passes of :mod:`._chunked` run on all chunks at once, with ``lax.scan`` over chunks only for the two state
+recurrences (whose steps are then elementwise for gated linear attention), the chunk math of
+:mod:`._gla_math` / :mod:`._delta_math`, and a hand-written backward (``jax.custom_vjp`` in the wrapper) that
+keeps the forward's chunk states instead of autodiff's per-operation residuals.
+
+Arrays are viewed as ``(B, KV, group, N, C, dim)``: a key/value head broadcasts over its group of query heads
+(size-1 axis) inside the dots, so GQA never copies k or v. On a CPU every dot runs in float32 (XLA CPU has no
+fast 16-bit GEMM); elsewhere dots take the inputs' dtype with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -12,57 +14,211 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention import _chunk_math
-from pallas_kernels.linear_attention._chunk_math import Chunks, masked_exp
+from pallas_kernels.linear_attention import _chunked, _delta_math, _gla_math
 
-_SUB = 8  # sub-chunk length of the secondary chunking
-
-
-def _sub_chunk(chunk: int) -> int:
-  """The largest divisor of ``chunk`` that is at most ``_SUB``."""
-  return max(d for d in range(1, min(_SUB, chunk) + 1) if chunk % d == 0)
+# Sub-chunk rows of the per-channel intra-chunk scores (:class:`._gla_math.ChannelScores`).
+SUB_CHUNK = 4
 
 
-def _channel_scores(c: Chunks) -> jax.Array:
-  """``A_ij = sum_k q_ik k_jk exp(G_ik - G_jk)`` for ``j <= i`` with every exponent <= 0 (module docstring).
-
-  Exponents are exact segment sums of the per-step log decays (no difference of cumulative sums).
-  """
-  *lead, chunk, key_dim = c.q.shape
-  sub = _sub_chunk(chunk)
-  num = chunk // sub
-  split = lambda x: x.reshape(*lead, num, sub, key_dim)
-  q_s, k_s = split(c.q), split(c.k)
-  pair_log = _chunk_math.segment_sums(split(c.g))  # (..., num, sub, sub, K): sum_{j<s<=i} g_s in a sub-chunk
-  q_first = q_s * jnp.exp(pair_log[..., :, 0, :])  # exp(G_i - G_rI), rI the first step of sub-chunk I
-  starts = sub * jnp.arange(num)
-  earlier = (jnp.arange(chunk)[None, :] < starts[:, None])[..., None]  # (num, C, 1)
-  to_first = _chunk_math.segment_sums(c.g, starts)  # (..., num, C, K): G_rI - G_j
-  k_first = c.k[..., None, :, :] * masked_exp(to_first, earlier)
-  off = jnp.einsum("...nik,...njk->...nij", q_first, k_first).reshape(*lead, chunk, chunk)
-  lower = jnp.tril(jnp.ones((sub, sub), bool))[..., None]
-  diag = jnp.einsum("...nik,...njk,...nijk->...nij", q_s, k_s, masked_exp(pair_log, lower))
-  diag = jnp.einsum("...nij,nm->...nimj", diag, jnp.eye(num, dtype=diag.dtype)).reshape(*lead, chunk, chunk)
-  return off + diag
+def _grouped(x, kv_heads: int, chunk: int):
+  """``(B, heads, T, D)`` -> ``(B, KV, heads / KV, N, C, D)``."""
+  if x is None:
+    return None
+  batch, heads, seq, dim = x.shape
+  return x.reshape(batch, kv_heads, heads // kv_heads, seq // chunk, chunk, dim)
 
 
-def _scores(c: Chunks) -> jax.Array:
-  if c.g is not None and c.g.shape[-1] > 1:
-    return _channel_scores(c)
-  return _chunk_math.head_scores(c.q, c.k, c.g, c.pair)
+def _grouped_states(s, kv_heads: int):
+  """``(B, H, [N,] V, K)`` -> ``(B, KV, group, [N,] V, K)``."""
+  return s.reshape(s.shape[0], kv_heads, s.shape[1] // kv_heads, *s.shape[2:])
 
 
-def linear_attention(q, k, v, log_decay, *, scale, initial_state, return_final_state, segment_ids,
-                     chunk_size):
+def _flat(x):
+  """Inverse of :func:`_grouped`: ``(B, KV, g, N, C, D)`` -> ``(B, KV * g, T, D)``."""
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3] * x.shape[4], x.shape[5])
+
+
+def _flat_states(s):
+  """Inverse of :func:`_grouped_states`."""
+  return s.reshape(s.shape[0], s.shape[1] * s.shape[2], *s.shape[3:])
+
+
+def _group_sum(x_grouped):
+  """Sums a per-query-head gradient over its group (``(B, KV, g, ...)`` -> ``(B, KV, T, D)``)."""
+  return _flat(jnp.sum(x_grouped, axis=2, keepdims=True))
+
+
+def _last(G):
+  return None if G is None else G[..., -1:, :]
+
+
+def _scan(step, init, xs, *, reverse=False):
+  """``lax.scan`` over the chunk axis (3) of every array of ``xs`` (``None`` passes through)."""
+  moved = jax.tree.map(lambda x: None if x is None else jnp.moveaxis(x, 3, 0), xs)
+  final, ys = jax.lax.scan(step, init, moved, reverse=reverse)
+  return final, jax.tree.map(lambda y: jnp.moveaxis(y, 0, 3), ys)
+
+
+def _intra(q, k, G, plan):
+  """The intra-chunk scores object of :mod:`._gla_math` for the decay form of ``plan``."""
+  if plan.decay == "channel":
+    return _gla_math.ChannelScores(q, k, G, SUB_CHUNK, plan.dtype)
+  return _gla_math.HeadScores(q, k, G, plan.dtype)
+
+
+# ---- gated linear attention ----------------------------------------------------------------------------------
+
+
+def _gla_states(k, v, G, h0, plan):
+  kv = k.shape[1]
+  k, v, G = (_grouped(x, kv, plan.chunk) for x in (k, v, G))
+  write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
+  step = lambda h, xs: (_gla_math.advance(h, *xs), h)
+  final, h_all = _scan(step, _grouped_states(h0, kv), (_gla_math.carry(_last(G)), write))
+  return _flat_states(h_all), _flat_states(final)
+
+
+def _gla_output(q, k, v, G, h_all, plan):
+  kv = k.shape[1]
+  q, k, v, G = (_grouped(x, kv, plan.chunk) for x in (q, k, v, G))
+  o = _gla_math.inter_output(q, G, _grouped_states(h_all, kv), plan.dtype) + _intra(q, k, G, plan).apply(v)
+  return _flat(plan.scale * o)
+
+
+def _gla_state_grads(q, G, do, dh_final, plan):
+  heads = q.shape[1]
+  q, G, do = (_grouped(x, heads, plan.chunk) for x in (q, G, do))
+  write = _gla_math.state_grad_write(q, G, plan.scale * do.astype(jnp.float32), plan.dtype)
+  step = lambda ds, xs: (_gla_math.advance(ds, *xs), ds)
+  dh0, dS_all = _scan(step, _grouped_states(dh_final, heads), (_gla_math.carry(_last(G)), write), reverse=True)
+  return _flat_states(dS_all), _flat_states(dh0)
+
+
+def _gla_grads(q, k, v, G, h_all, dS_all, do, plan):
+  kv = k.shape[1]
+  q, k, v, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, v, G, do))
+  h, dS = _grouped_states(h_all, kv), _grouped_states(dS_all, kv)
+  do = plan.scale * do.astype(jnp.float32)
+  dq_a, dk_a, dv_a = _intra(q, k, G, plan).backward(do, v)
+  dq, dk, dv, d_keys = _gla_math.inter_grads(q, k, v, G, _last(G), h, dS, do, plan.dtype)
+  dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
+  d_last = None if G is None else d_keys + _gla_math.carry_grad(_last(G), h, dS)
+  dG = _gla_math.gate_grad(q, k, dq, dk, G, d_last)
+  return _flat(dq), _group_sum(dk), _group_sum(dv), None if dG is None else _flat(dG)
+
+
+# ---- gated delta rule -----------------------------------------------------------------------------------------
+
+
+def _delta_prepare(k, v, beta, G, plan):
+  kv = k.shape[1]
+  k, v, beta, G = (_grouped(x, kv, plan.chunk) for x in (k, v, beta, G))
+  w, u, _ = _delta_math.prepare(k, v, beta, G, plan.dtype)
+  return _flat(w), _flat(u)  # per key/value head when nothing in them is per query head
+
+
+def _delta_states(k, w, u, G, h0, plan):
+  kv = k.shape[1]
+  k, w, u, G = (_grouped(x, kv, plan.chunk) for x in (k, w, u, G))
+  k_end = _gla_math.key_to_end(k, G, _last(G))
+
+  def step(h, xs):
+    w_n, u_n, k_end_n, carry_n = xs
+    delta, new = _delta_math.state_step(w_n, u_n, k_end_n, carry_n, h, plan.dtype)
+    return new, (h, delta)
+
+  final, (h_all, delta) = _scan(step, _grouped_states(h0, kv), (w, u, k_end, _gla_math.carry(_last(G))))
+  return _flat_states(h_all), _flat(delta), _flat_states(final)
+
+
+def _delta_output(q, k, G, delta, h_all, plan):
+  kv = k.shape[1]
+  q, k, G, delta = (_grouped(x, kv, plan.chunk) for x in (q, k, G, delta))
+  return _flat(plan.scale * _delta_math.output(q, k, G, delta, _grouped_states(h_all, kv), plan.dtype))
+
+
+def _delta_state_grads(q, k, w, G, do, dh_final, plan):
+  kv = k.shape[1]
+  q, k, w, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, w, G, do))
+  d_delta_intra, write = _delta_math.state_grad_inputs(q, k, G, plan.scale * do.astype(jnp.float32), plan.dtype)
+  k_end = _gla_math.key_to_end(k, G, _last(G))
+
+  def step(ds, xs):
+    d_delta, ds_prev = _delta_math.state_grad_step(*xs, ds, plan.dtype)
+    return ds_prev, (ds, d_delta)
+
+  carry = _gla_math.carry(_last(G))
+  dh0, (dS_all, d_delta) = _scan(step, _grouped_states(dh_final, kv), (d_delta_intra, write, k_end, w, carry),
+                                 reverse=True)
+  return _flat_states(dS_all), _flat(d_delta), _flat_states(dh0)
+
+
+def _delta_grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, plan):
+  kv, heads, beta_heads = k.shape[1], q.shape[1], beta.shape[1]
+  q, k, v, beta, G, delta, d_delta, do = (_grouped(x, kv, plan.chunk)
+                                          for x in (q, k, v, beta, G, delta, d_delta, do))
+  dq, dk, dv, dbeta, dG = _delta_math.grads(
+      q, k, v, beta, G, _last(G), _grouped_states(h_all, kv), delta, d_delta, _grouped_states(dS_all, kv),
+      plan.scale * do.astype(jnp.float32), plan.dtype)
+  dbeta = _flat(dbeta) if beta_heads == heads else _group_sum(dbeta)
+  return _flat(dq), _group_sum(dk), _group_sum(dv), dbeta, None if dG is None else _flat(dG)
+
+
+def _plan(q, chunk_size):
+  dtype = jnp.float32 if jax.default_backend() == "cpu" else q.dtype
+  return chunk_size, dtype, None
+
+
+BACKEND = _chunked.Backend(
+    "xla", gla=(_gla_states, _gla_output, _gla_state_grads, _gla_grads),
+    delta=(_delta_prepare, _delta_states, _delta_output, _delta_state_grads, _delta_grads),
+    plan=_plan, save_states=True)
+
+
+def linear_attention(q, k, v, log_decay, **kwargs):
   """Chunked gated linear attention; arguments and returns as in :mod:`pallas_kernels.linear_attention`."""
-  del return_final_state
-  return _chunk_math.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                      segment_ids=segment_ids, chunk_size=chunk_size, intra=_scores)
+  return _chunked.linear_attention(BACKEND, q, k, v, log_decay, **kwargs)
 
 
-def delta_rule(q, k, v, beta, log_decay, *, scale, initial_state, return_final_state, segment_ids,
-               chunk_size):
+def delta_rule(q, k, v, beta, log_decay, **kwargs):
   """Chunked (gated) delta rule via the per-chunk WY/UT transform and a state scan over chunks."""
-  del return_final_state
-  return _chunk_math.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                segment_ids=segment_ids, chunk_size=chunk_size)
+  return _chunked.delta_rule(BACKEND, q, k, v, beta, log_decay, **kwargs)
+
+
+# ---- one decoding step ---------------------------------------------------------------------------------------
+
+
+def _step_grouped(x, kv_heads: int):
+  """``(B, heads, ...)`` -> ``(B, KV, heads / KV, ...)``."""
+  return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+def _step_decay(log_decay, kv_heads):
+  """``exp(log_decay)`` as ``(B, KV, g, 1|K, 1)``; 1 without decay."""
+  if log_decay is None:
+    return 1.0
+  decay = _step_grouped(jnp.exp(log_decay.astype(jnp.float32)), kv_heads)
+  return decay[..., None, None] if decay.ndim == 3 else decay[..., None]
+
+
+def linear_attention_step(q, k, v, state, log_decay, *, scale):
+  """One token of gated linear attention in ``O(K V)`` per head; GQA without copying k or v."""
+  kv = k.shape[1]
+  q_g, s_g = _step_grouped(q.astype(jnp.float32), kv), _step_grouped(state, kv)
+  kv_outer = k.astype(jnp.float32)[:, :, None, :, None] * v.astype(jnp.float32)[:, :, None, None, :]
+  s_g = _step_decay(log_decay, kv) * s_g + kv_outer
+  o = jnp.einsum("bhgk,bhgkv->bhgv", q_g * scale, s_g)
+  return o.reshape(*q.shape[:2], -1).astype(q.dtype), s_g.reshape(state.shape)
+
+
+def delta_rule_step(q, k, v, beta, state, log_decay, *, scale):
+  """One token of the gated delta rule in ``O(K V)`` per head; GQA without copying k, v or beta."""
+  kv = k.shape[1]
+  q_g, s_g = _step_grouped(q.astype(jnp.float32), kv), _step_grouped(state, kv)
+  k_g, v_g = k.astype(jnp.float32)[:, :, None], v.astype(jnp.float32)[:, :, None]
+  beta_g = _step_grouped(beta.astype(jnp.float32), kv)
+  s_g = _step_decay(log_decay, kv) * s_g
+  delta = beta_g[..., None] * (v_g - jnp.sum(k_g[..., None] * s_g, axis=-2))
+  s_g = s_g + k_g[..., None] * delta[..., None, :]
+  o = jnp.einsum("bhgk,bhgkv->bhgv", q_g * scale, s_g)
+  return o.reshape(*q.shape[:2], -1).astype(q.dtype), s_g.reshape(state.shape)

@@ -1,7 +1,8 @@
 """``delta_rule`` implementations ``xla`` (chunked WY/UT) and ``parallel`` (one WY/UT transform over the
 sequence) against the ``reference`` scan: outputs, final state and gradients of q, k, v, beta, log_decay and
-initial_state, float32 and bfloat16, no decay and per-head decay (strong and near-zero), betas in (0, 2),
-lengths that are not a multiple of the chunk, GQA and packed segments."""
+initial_state, float32 and bfloat16, no decay and per-head decay (with -inf, -1e4, -20 and 0 mixed in), betas in
+(0, 2) per query or per key/value head, lengths that are not a multiple of the chunk, GQA and packed segments;
+the unit-lower-triangular inverse in both of its forms."""
 
 from __future__ import annotations
 
@@ -20,31 +21,34 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--impo
 import _linear_helpers as helpers  # noqa: E402
 
 import pallas_kernels  # noqa: E402
-from pallas_kernels.linear_attention import _chunk_math  # noqa: E402
+from pallas_kernels.linear_attention import _delta_math  # noqa: E402
 
 IMPLS = ("xla", "parallel")
-TIGHT = dict(rtol=1e-4, atol=1e-5)
+F32 = dict(rms=3e-5, gate_rms=5e-5)
 BF16 = dict(rms=5e-3, gate_rms=2e-2)
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 CASES = [
-    # decay, dtype, seq, chunk, kv_heads, segments
-    ("head", jnp.float32, 45, 16, 1, True),
-    ("head", jnp.float32, 40, 32, 2, False),
-    ("none", jnp.float32, 70, 64, 2, True),
-    ("head", jnp.bfloat16, 37, 16, 2, True),
+    # decay, dtype, seq, chunk, kv_heads, beta per key/value head, segments
+    ("head", jnp.float32, 45, 16, 1, False, True),
+    ("head", jnp.float32, 40, 32, 2, True, False),
+    ("none", jnp.float32, 70, 64, 2, False, True),
+    ("head", jnp.bfloat16, 37, 16, 2, False, True),
 ]
 
 
-@pytest.mark.parametrize("decay,dtype,seq,chunk,kv_heads,segments", CASES)
-def test_matches_reference(decay, dtype, seq, chunk, kv_heads, segments):
-  args = helpers.inputs(seq, batch=2, seq=seq, heads=2, kv_heads=kv_heads, dtype=dtype, decay=decay, delta=True)
+@pytest.mark.parametrize("decay,dtype,seq,chunk,kv_heads,beta_per_kv,segments", CASES)
+def test_matches_reference(decay, dtype, seq, chunk, kv_heads, beta_per_kv, segments):
+  args = helpers.inputs(seq, batch=2, seq=seq, heads=2, kv_heads=kv_heads, dtype=dtype, decay=decay, delta=True,
+                        beta_heads=kv_heads if beta_per_kv else None)
   positions = jnp.arange(seq)[None]
   segment_ids = jnp.concatenate([(positions >= 7) + (positions >= 26), positions >= seq // 2]).astype(jnp.int32)
   kwargs = dict(segment_ids=segment_ids if segments else None, chunk_size=chunk)
   want = helpers.outputs_and_grads("reference", args, **kwargs)
-  tolerance = TIGHT if dtype == jnp.float32 else BF16
   for implementation in IMPLS:
-    helpers.assert_matches(helpers.outputs_and_grads(implementation, args, **kwargs), want, **tolerance)
+    helpers.assert_matches(helpers.outputs_and_grads(implementation, args, **kwargs), want,
+                           **(F32 if dtype == jnp.float32 else BF16))
 
 
 def test_packed_segments_equal_separate_runs():
@@ -74,12 +78,16 @@ def test_shape_sweep(seq, chunk, decay, kv_heads, value_dim):
   args = helpers.inputs(seq, seq=seq, heads=3, kv_heads=kv_heads, value_dim=value_dim, decay=decay, delta=True)
   want = helpers.outputs_and_grads("reference", args, chunk_size=chunk)
   assert want["o"].shape == (1, seq, 3, value_dim)
-  helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=chunk), want, **TIGHT)
+  helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=chunk), want, **F32)
 
 
-@pytest.mark.parametrize("size", (1, 5, 70))
-def test_unit_lower_inverse_matches_dense_inverse(size):
-  a = jnp.tril(jax.random.normal(jax.random.PRNGKey(size), (2, size, size)), -1) * 0.5
-  got = jax.jit(_chunk_math.unit_lower_inverse)(a)
+@pytest.mark.parametrize("size,blocked", [(1, True), (5, True), (70, True), (32, False), (128, False)])
+def test_unit_lower_inverse_matches_dense_inverse(size, blocked):
+  """Both forms: blocked (batched arrays, any size) and masked (inside kernels, powers of two)."""
+  a = jnp.tril(jax.random.uniform(jax.random.PRNGKey(size), (2, size, size), minval=-0.5, maxval=0.5), -1)
+  if not blocked:
+    a = a[0]
+  got = jax.jit(functools.partial(_delta_math.unit_lower_inverse, blocked=blocked))(a)
   want = np.linalg.inv(np.eye(size) + np.asarray(a, np.float64))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(want)))))
+  np.testing.assert_array_equal(np.triu(np.asarray(got), 1), 0.0)

@@ -1,104 +1,127 @@
-"""Pallas linear-attention kernels (TPU and Triton) in interpret mode against the reference oracle, plus
-cross-lowering of the real kernels for their platforms from this CPU host."""
+"""Pallas kernels of ``linear_attention`` and ``delta_rule`` (TPU and Triton) in interpret mode against the
+reference oracle (outputs, final state and every gradient; log decays of -inf, -1e4, -20 and 0 mixed in by the
+shared helper; GQA with k/v read per group; lengths not a multiple of the chunk; packed segments; bf16 with
+bf16 stored chunk states), plus cross-lowering of the real forward and backward kernels from this CPU host."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-import pallas_kernels
-from pallas_kernels.linear_attention import linear_attention
+sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--import-mode=importlib)
+import _linear_helpers as helpers  # noqa: E402
 
-IMPLS = ("pallas_tpu", "pallas_triton")
+import pallas_kernels  # noqa: E402
+from pallas_kernels.linear_attention import _pallas, tpu  # noqa: E402
 
+F32 = dict(rms=3e-5, gate_rms=5e-5)
+# bf16 inputs go into the kernels' dots in bf16 (flash-linear-attention's choice; the xla path on a CPU stays
+# float32): flash-linear-attention's gradient threshold (relative RMS 8e-3), for outputs too.
+BF16 = dict(rms=8e-3, gate_rms=2e-2)
 
-def _inputs(key, *, batch, seq, heads, kv_heads, key_dim, value_dim, dtype, decay):
-  ks = jax.random.split(key, 6)
-  q = jax.random.normal(ks[0], (batch, seq, heads, key_dim), dtype)
-  k = jax.random.normal(ks[1], (batch, seq, kv_heads, key_dim), dtype)
-  v = jax.random.normal(ks[2], (batch, seq, kv_heads, value_dim), dtype)
-  shape = {"none": None, "head": (batch, seq, heads), "channel": (batch, seq, heads, key_dim)}[decay]
-  if shape is None:
-    log_decay = None
-  else:  # a mix of strong (-20 per step) and near-zero decays
-    u = jax.random.uniform(ks[3], shape)
-    log_decay = jnp.where(u < 0.2, -20.0, -1e-3 * u - 0.5 * (u > 0.7) * u)
-  state = jax.random.normal(ks[4], (batch, heads, key_dim, value_dim), jnp.float32)
-  return q, k, v, log_decay, state
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
-
-def _loss_and_outputs(implementation, segment_ids, chunk_size):
-  def f(q, k, v, log_decay, state):
-    o, final = linear_attention(q, k, v, log_decay=log_decay, initial_state=state, return_final_state=True,
-                                segment_ids=segment_ids, chunk_size=chunk_size, implementation=implementation)
-    o32 = o.astype(jnp.float32)
-    return jnp.sum(o32 * jnp.cos(o32)) + jnp.sum(final * jnp.sin(final)), (o, final)
-  return f
+CASES = {
+    # name: (inputs, op kwargs)
+    "gla-channel-f32-gqa-segments": (dict(seq=40, kv_heads=1, decay="channel"), dict(chunk_size=16, segments=True)),
+    "gla-head-bf16": (dict(seq=45, kv_heads=2, decay="head", dtype=jnp.bfloat16), dict(chunk_size=32)),
+    "delta-f32-gqa-segments-beta-per-kv": (dict(seq=40, kv_heads=1, decay="head", delta=True, beta_heads=1),
+                                           dict(chunk_size=16, segments=True)),
+    "delta-bf16-no-decay": (dict(seq=70, kv_heads=2, decay="none", delta=True, dtype=jnp.bfloat16),
+                            dict(chunk_size=64)),
+}
+RUNS = [("pallas_tpu", name) for name in CASES] + [("pallas_triton", "gla-channel-f32-gqa-segments"),
+                                                   ("pallas_triton", "delta-bf16-no-decay")]
 
 
-def _rel_rms(x, ref):
-  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-  return float(np.sqrt(np.mean((x - ref) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-12))
+@functools.lru_cache(maxsize=None)
+def _case(name):
+  """``(args, kwargs, reference results)`` of a case (the reference serves both backends)."""
+  input_kwargs, op_kwargs = CASES[name]
+  args = helpers.inputs(input_kwargs["seq"], heads=2, key_dim=16, value_dim=32, **input_kwargs)
+  op_kwargs = dict(op_kwargs)
+  if op_kwargs.pop("segments", False):
+    positions = jnp.arange(input_kwargs["seq"])[None]
+    op_kwargs["segment_ids"] = ((positions >= 7) + (positions >= 26)).astype(jnp.int32)
+  return args, op_kwargs, helpers.outputs_and_grads("reference", args, **op_kwargs)
 
 
-CASES = [
-    # decay, dtype, seq, chunk, kv_heads, segments, tolerance (relative RMS)
-    ("channel", jnp.float32, 40, 16, 2, True, 1e-5),
-    ("head", jnp.bfloat16, 45, 32, 2, False, 5e-3),
-    ("none", jnp.float32, 20, 64, 1, True, 1e-5),
-]
+@pytest.mark.parametrize("implementation,name", RUNS, ids=[f"{i}-{n}" for i, n in RUNS])
+def test_matches_reference(implementation, name):
+  args, kwargs, want = _case(name)
+  with pallas_kernels.interpret():
+    got = helpers.outputs_and_grads(implementation, args, **kwargs)
+  helpers.assert_matches(got, want, **(F32 if args["q"].dtype == jnp.float32 else BF16))
 
 
-@pytest.mark.parametrize("implementation", IMPLS)
-@pytest.mark.parametrize("decay,dtype,seq,chunk,kv_heads,segments,tol", CASES)
-def test_matches_reference(implementation, decay, dtype, seq, chunk, kv_heads, segments, tol):
-  q, k, v, log_decay, state = _inputs(jax.random.PRNGKey(seq), batch=1, seq=seq, heads=2, kv_heads=kv_heads,
-                                      key_dim=16, value_dim=32, dtype=dtype, decay=decay)
-  positions = jnp.arange(seq)[None]
-  segment_ids = (positions >= 7).astype(jnp.int32) + (positions >= 26) if segments else None
-  argnums = (0, 1, 2, 4) if log_decay is None else (0, 1, 2, 3, 4)
-  results = {}
-  for impl in (implementation, "reference"):
-    f = _loss_and_outputs(impl, segment_ids, chunk)
-    with pallas_kernels.interpret():
-      (_, outputs), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(q, k, v, log_decay, state)
-    results[impl] = (*outputs, *grads)
-  names = ["o", "final_state"] + [("dq", "dk", "dv", "dlog_decay", "dinitial_state")[i] for i in argnums]
-  for name, got, want in zip(names, results[implementation], results["reference"]):
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-    assert _rel_rms(got, want) < tol, (name, _rel_rms(got, want))
+def test_bfloat16_stored_states_keep_the_bfloat16_tolerance():
+  """Chunk states stored in bf16 between the passes (float32 accumulation inside them)."""
+  args, kwargs, want = _case("gla-head-bf16")
+  config = _pallas.Config(states_dtype="bfloat16")
+
+  def op(q, k, v, *, log_decay, implementation, **rest):
+    del implementation
+    return tpu.linear_attention(q, k, v, log_decay, scale=q.shape[-1] ** -0.5, segment_ids=None, config=config,
+                                **rest)
+
+  with pallas_kernels.interpret():
+    got = helpers.outputs_and_grads(None, args, op=op, **kwargs)
+  helpers.assert_matches(got, want, **BF16)
 
 
-@pytest.mark.parametrize("implementation", IMPLS)
-def test_unsupported_chunk_size_raises(implementation):
-  q, k, v, _, _ = _inputs(jax.random.PRNGKey(0), batch=1, seq=8, heads=1, kv_heads=1, key_dim=16,
-                          value_dim=16, dtype=jnp.float32, decay="none")
+@pytest.mark.parametrize("implementation", ("pallas_tpu", "pallas_triton"))
+@pytest.mark.parametrize("op", ("linear_attention", "delta_rule"))
+def test_all_minus_inf_decay_is_finite_and_equals_reference(implementation, op):
+  """The reported NaN: every log decay -inf (forward)."""
+  args = helpers.inputs(3, seq=32, key_dim=16, value_dim=16, decay="head", delta=op == "delta_rule")
+  args["log_decay"] = jnp.full_like(args["log_decay"], -jnp.inf)
+  positional = [args.pop(n) for n in ("q", "k", "v", "beta") if n in args]
+  public = getattr(pallas_kernels, op)
+  want = public(*positional, **args, implementation="reference")
+  with pallas_kernels.interpret():
+    got = public(*positional, **args, implementation=implementation)
+  assert bool(jnp.all(jnp.isfinite(got)))
+  assert helpers.rel_rms(got, want) < 3e-5
+
+
+@pytest.mark.parametrize("implementation", ("pallas_tpu", "pallas_triton"))
+@pytest.mark.parametrize("op", ("linear_attention", "delta_rule"))
+def test_unsupported_chunk_size_raises(implementation, op):
+  args = helpers.inputs(0, seq=8, key_dim=16, value_dim=16, decay="none", delta=op == "delta_rule")
+  positional = [args[n] for n in ("q", "k", "v", "beta") if n in args]
   with pallas_kernels.interpret(), pytest.raises(NotImplementedError, match="chunk_size=24.*supported"):
-    linear_attention(q, k, v, chunk_size=24, implementation=implementation)
+    getattr(pallas_kernels, op)(*positional, chunk_size=24, implementation=implementation)
 
 
 @pytest.mark.parametrize("module,platform,marker", [("tpu", "tpu", "tpu_custom_call"),
                                                     ("gpu", "cuda", "__gpu$xla.gpu.triton")])
 def test_cross_lowers_forward_and_backward(module, platform, marker):
-  """The real (non-interpret) kernels lower for their platform with realistic shapes and bf16 inputs."""
-  impl = importlib.import_module(f"pallas_kernels.linear_attention.{module}").linear_attention
-  batch, seq, heads, dim = 1, 256, 2, 128
+  """The real (non-interpret) kernels lower for their platform: bf16, K = V = 128, GQA, per-channel GLA and the
+  gated delta rule with packed segments, forward and backward."""
+  impl = importlib.import_module(f"pallas_kernels.linear_attention.{module}")
+  batch, seq, heads, kv_heads, dim = 1, 256, 4, 2, 128
+  segments = (jnp.arange(seq)[None] >= 100).astype(jnp.int32)
 
-  def f(q, k, v, log_decay, state):
-    o, final = impl(q, k, v, log_decay, scale=dim ** -0.5, initial_state=state, return_final_state=True,
-                    segment_ids=jnp.zeros((batch, seq), jnp.int32), chunk_size=64)
-    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+  def f(q, k, v, log_decay, beta, state):
+    common = dict(scale=dim ** -0.5, initial_state=state, return_final_state=True, segment_ids=segments,
+                  chunk_size=64)
+    o, final = impl.linear_attention(q, k, v, log_decay, **common)
+    o2, final2 = impl.delta_rule(q, k, v, beta, log_decay[..., 0], **common)
+    return jnp.sum(o.astype(jnp.float32) + o2.astype(jnp.float32)) + jnp.sum(final + final2)
 
   sds = jax.ShapeDtypeStruct
-  args = (sds((batch, seq, heads, dim), jnp.bfloat16),) * 3 + (sds((batch, seq, heads, dim), jnp.float32),
-                                                               sds((batch, heads, dim, dim), jnp.float32))
-  text = jax.jit(jax.value_and_grad(f, argnums=range(5))).trace(*args).lower(
+  args = (sds((batch, seq, heads, dim), jnp.bfloat16),) + (sds((batch, seq, kv_heads, dim), jnp.bfloat16),) * 2 + (
+      sds((batch, seq, heads, dim), jnp.float32), sds((batch, seq, kv_heads), jnp.float32),
+      sds((batch, heads, dim, dim), jnp.float32))
+  text = jax.jit(jax.value_and_grad(f, argnums=range(6))).trace(*args).lower(
       lowering_platforms=(platform,)).as_text()
-  assert text.count(marker) >= 3  # forward, state recomputation and backward kernels
-  for kernel in ("fwd", "states", "bwd"):
-    assert f"linear_attention_{kernel}" in text
+  assert text.count(marker) >= 12  # GLA: 2 forward + 3 backward kernels; delta rule: 3 + 4
+  for name in ("gla_states", "gla_output", "gla_state_grads", "gla_grads", "delta_prepare", "delta_states",
+               "delta_output", "delta_state_grads", "delta_grads"):
+    assert name in text, name

@@ -13,6 +13,7 @@ import types
 
 import flax.linen as nn
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def mixer_name(case: str) -> str:
 
 
 def make(case: str, **overrides):
-  return MIXERS.get(mixer_name(case))(d_model=D, num_heads=H, chunk_size=CHUNK, **{**ALL[case], **overrides})
+  return MIXERS.get(mixer_name(case))(d_model=D, num_heads=H, **{"chunk_size": CHUNK, **ALL[case], **overrides})
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -139,6 +140,30 @@ def test_decode_matches_full_sequence(run):
   assert int(cache["cache_index"]) == T
   for leaf in jax.tree.leaves({k: v for k, v in cache.items() if k != "cache_index"}):
     assert leaf.dtype == jnp.float32, leaf.dtype
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jex.core.jaxprs_in_params(eqn.params):
+      yield from _all_eqns(sub)
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL))
+def test_decode_step_costs_one_state_update(name):
+  """A one-token decode call runs the ops' step form: with chunk_size 64 (no other dimension here is 64), its
+  program pads nothing to a chunk, runs no chunked scan or custom_vjp, and no array in it outgrows the largest
+  cached state plus the parameters' largest matrix."""
+  mixer = make(name, chunk_size=64)
+  x = packed_inputs()
+  variables = jax.eval_shape(functools.partial(mixer.init, decode=True), jax.random.PRNGKey(1), x[:, :PREFILL])
+  jaxpr = jax.make_jaxpr(lambda v, t: mixer.apply(v, t, decode=True, mutable=["cache"]))(variables, x[:, :1]).jaxpr
+  eqns = list(_all_eqns(jaxpr))
+  assert not {"scan", "while", "custom_vjp_call"} & {e.primitive.name for e in eqns}, name
+  shapes = [v.aval.shape for e in eqns for v in e.outvars]
+  assert not any(64 in shape for shape in shapes), name
+  largest = max(np.prod(leaf.shape) for leaf in jax.tree.leaves(variables))
+  assert max(np.prod(shape) for shape in shapes) <= largest, name
 
 
 def test_mlstm_prefix_ignores_later_large_input_gates():

@@ -1,0 +1,231 @@
+"""The one wrapper around every chunked backend (``xla``, ``parallel``, ``pallas_tpu``, ``pallas_triton``):
+layout, padding, decays, dtypes and ``jax.custom_vjp``; a backend only supplies its passes.
+
+Both ops run as passes over chunks of ``C`` steps (flash-linear-attention's ``chunk_*`` structure):
+
+* gated linear attention (GLA arXiv 2312.06635 §4) — forward: ``states`` (sequential over chunks, writes the
+  state entering every chunk), ``output`` (parallel over chunks); backward: ``state_grads`` (sequential, in
+  reverse: the cotangent of the state leaving every chunk), ``grads`` (parallel: dq, dk, dv, dG);
+* the gated delta rule (Gated DeltaNet arXiv 2412.06464 §3.3) — forward: ``prepare`` (parallel: the WY/UT
+  ``w``, ``u``), ``states`` (sequential: states and the corrected values ``delta``), ``output``; backward:
+  ``state_grads`` (sequential, reverse: state cotangents and ``d delta``), ``grads`` (parallel).
+
+Arrays given to the passes ("kernel layout"): ``q`` ``(B, H, T, K)``; ``k``, ``v`` ``(B, KV, T, *)`` with ``KV``
+dividing ``H`` (GQA: a key/value head serves ``H / KV`` consecutive query heads and is never repeated); ``G``
+``(B, H, T, K')`` float32, the within-chunk inclusive cumulative log decay (``K' = K`` per key channel, ``1`` per
+head; ``None`` when there is no decay and no segments); ``beta`` ``(B, H|KV, T, 1)``; states value-major
+``(B, H, V, K)`` float32, ``(B, H, N, V, K)`` per chunk. ``T`` is padded to a multiple of ``C`` (zero inputs and
+zero log decay: the outputs and the final state are unchanged), and ``K``/``V`` to powers of two when the
+backend needs it.
+
+Decays: log decays are clamped at :data:`._tiles.MIN_LOG_DECAY` (-30: ``exp(-30) ~ 9e-14``, below float32
+resolution, so ``-inf`` empties the state to working precision and no ``-inf - -inf`` arises), and packed
+sequences (``segment_ids``) become that log decay at each sequence start, which empties the state the same
+way. The cumulative sum and these edits are plain
+JAX outside the ``custom_vjp``, so the gradient of the per-step log decays is autodiff's reverse cumsum of the
+passes' ``dG``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.linear_attention._tiles import MIN_LOG_DECAY
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static description of one call, given to every pass.
+
+  Attributes:
+    chunk: chunk length C.
+    scale: query scale.
+    decay: "none", "head" or "channel" (the form of ``G``).
+    dtype: compute dtype of the dots (see :mod:`._tiles`).
+    options: backend-specific settings (tile sizes, warps, stages), hashable.
+  """
+  chunk: int
+  scale: float
+  decay: str
+  dtype: Any
+  options: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One backend's passes (each ``(..., plan) -> ...`` in kernel layout; see the module docstring).
+
+  Attributes:
+    name: implementation name, for error messages.
+    gla: ``(states, output, state_grads, grads)`` of gated linear attention.
+    delta: ``(prepare, states, output, state_grads, grads)`` of the delta rule.
+    plan: ``(q, chunk) -> (chunk, dtype, options)``: the chunk, compute dtype and options for these inputs
+      (may raise ``NotImplementedError``).
+    pad_pow2: pad K and V to powers of two (>= 16), as Triton's dots need.
+    save_states: keep the forward's chunk states as residuals (else the backward recomputes them).
+  """
+  name: str
+  gla: tuple[Callable, ...]
+  delta: tuple[Callable, ...]
+  plan: Callable
+  pad_pow2: bool = False
+  save_states: bool = False
+
+
+# ---- custom_vjp ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gla(backend: Backend, plan: Plan, q, k, v, G, h0):
+  return _gla_fwd(backend, plan, q, k, v, G, h0)[0]
+
+
+def _gla_fwd(backend, plan, q, k, v, G, h0):
+  states, output, _, _ = backend.gla
+  h_all, h_final = states(k, v, G, h0, plan)
+  saved = h_all if backend.save_states else None
+  return (output(q, k, v, G, h_all, plan), h_final), (q, k, v, G, h0, saved)
+
+
+def _gla_bwd(backend, plan, residuals, cotangents):
+  q, k, v, G, h0, h_all = residuals
+  do, dh_final = cotangents
+  states, _, state_grads, grads = backend.gla
+  if h_all is None:
+    h_all = states(k, v, G, h0, plan)[0]
+  dS_all, dh0 = state_grads(q, G, do, dh_final.astype(jnp.float32), plan)
+  dq, dk, dv, dG = grads(q, k, v, G, h_all, dS_all, do, plan)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG, dh0
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _delta(backend: Backend, plan: Plan, q, k, v, beta, G, h0):
+  return _delta_fwd(backend, plan, q, k, v, beta, G, h0)[0]
+
+
+def _delta_forward_states(backend, plan, k, v, beta, G, h0):
+  prepare, states = backend.delta[:2]
+  w, u = prepare(k, v, beta, G, plan)
+  h_all, delta, h_final = states(k, w, u, G, h0, plan)
+  return w, h_all, delta, h_final
+
+
+def _delta_fwd(backend, plan, q, k, v, beta, G, h0):
+  w, h_all, delta, h_final = _delta_forward_states(backend, plan, k, v, beta, G, h0)
+  o = backend.delta[2](q, k, G, delta, h_all, plan)
+  saved = (w, h_all, delta) if backend.save_states else None
+  return (o, h_final), (q, k, v, beta, G, h0, saved)
+
+
+def _delta_bwd(backend, plan, residuals, cotangents):
+  q, k, v, beta, G, h0, saved = residuals
+  do, dh_final = cotangents
+  if saved is None:
+    saved = _delta_forward_states(backend, plan, k, v, beta, G, h0)[:3]
+  w, h_all, delta = saved
+  state_grads, grads = backend.delta[3:]
+  dS_all, d_delta, dh0 = state_grads(q, k, w, G, do, dh_final.astype(jnp.float32), plan)
+  dq, dk, dv, dbeta, dG = grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, plan)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype), dG, dh0
+
+
+_delta.defvjp(_delta_fwd, _delta_bwd)
+
+
+# ---- canonical arguments -> kernel layout --------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def _segment_starts(segment_ids):
+  """``(B, T)`` bool: a new packed sequence starts here (never at step 0: the initial state applies there)."""
+  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+
+
+def _cumulative_log_decay(log_decay, segment_ids, shape_BTH, chunk: int, padded: int):
+  """``G`` ``(B, H, T_padded, K')`` float32 (module docstring), or ``None``."""
+  if log_decay is None and segment_ids is None:
+    return None
+  batch, seq, heads = shape_BTH
+  g = jnp.zeros((batch, seq, heads, 1), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
+  g = jnp.maximum(g if g.ndim == 4 else g[..., None], MIN_LOG_DECAY)
+  if segment_ids is not None:
+    g = jnp.where(_segment_starts(segment_ids)[:, :, None, None], MIN_LOG_DECAY, g)
+  g = jnp.pad(jnp.swapaxes(g, 1, 2), ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
+  g = g.reshape(batch, heads, padded // chunk, chunk, g.shape[-1])
+  inclusive = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))  # a matmul: XLA CPU's cumsum is slow
+  G = jnp.einsum("ij,bhnjk->bhnik", inclusive, g, precision=jax.lax.Precision.HIGHEST)
+  return G.reshape(batch, heads, padded, -1)
+
+
+class _Layout:
+  """Moves canonical ``(B, T, heads, dim)`` arrays to kernel layout and back (module docstring)."""
+
+  def __init__(self, backend: Backend, chunk: int, q, v):
+    self.batch, self.seq, self.heads, self.key_dim = q.shape
+    self.value_dim = v.shape[-1]
+    self.padded = -(-self.seq // chunk) * chunk
+    self.kp, self.vp = ((_pow2(self.key_dim), _pow2(self.value_dim)) if backend.pad_pow2
+                        else (self.key_dim, self.value_dim))
+
+  def rows(self, x_BTHD, dim=None):
+    dim = x_BTHD.shape[-1] if dim is None else dim
+    return jnp.pad(jnp.swapaxes(x_BTHD, 1, 2),
+                   ((0, 0), (0, 0), (0, self.padded - self.seq), (0, dim - x_BTHD.shape[-1])))
+
+  def state_in(self, initial_state):
+    if initial_state is None:
+      return jnp.zeros((self.batch, self.heads, self.vp, self.kp), jnp.float32)
+    s = jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3)
+    return jnp.pad(s, ((0, 0), (0, 0), (0, self.vp - self.value_dim), (0, self.kp - self.key_dim)))
+
+  def outputs(self, o_BHTV, s_BHVK, dtype):
+    o = jnp.swapaxes(o_BHTV[:, :, :self.seq, :self.value_dim], 1, 2).astype(dtype)
+    return o, jnp.swapaxes(s_BHVK[:, :, :self.value_dim, :self.key_dim], 2, 3)
+
+
+def _plan(backend: Backend, q, log_decay, scale, chunk_size) -> Plan:
+  chunk, dtype, options = backend.plan(q, chunk_size)
+  decay = "none" if log_decay is None else ("head" if log_decay.ndim == 3 else "channel")
+  return Plan(chunk=chunk, scale=float(scale), decay=decay, dtype=dtype, options=options)
+
+
+def linear_attention(backend: Backend, q, k, v, log_decay, *, scale, initial_state, return_final_state,
+                     segment_ids, chunk_size):
+  """Canonical-argument entry point (see ``pallas_kernels.linear_attention``); returns ``(o, final_state)``."""
+  del return_final_state  # the final state is always computed
+  plan = _plan(backend, q, log_decay, scale, chunk_size)
+  if plan.decay == "none" and segment_ids is not None:
+    plan = dataclasses.replace(plan, decay="head")
+  layout = _Layout(backend, plan.chunk, q, v)
+  G = _cumulative_log_decay(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded)
+  if G is not None and plan.decay == "channel" and layout.kp != layout.key_dim:
+    G = jnp.pad(G, ((0, 0), (0, 0), (0, 0), (0, layout.kp - layout.key_dim)))
+  o, s = _gla(backend, plan, layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp), G,
+              layout.state_in(initial_state))
+  return layout.outputs(o, s, q.dtype)
+
+
+def delta_rule(backend: Backend, q, k, v, beta, log_decay, *, scale, initial_state, return_final_state,
+               segment_ids, chunk_size):
+  """Canonical-argument entry point (see ``pallas_kernels.delta_rule``); returns ``(o, final_state)``."""
+  del return_final_state  # the final state is always computed
+  plan = _plan(backend, q, log_decay, scale, chunk_size)
+  if segment_ids is not None:
+    plan = dataclasses.replace(plan, decay="head")
+  layout = _Layout(backend, plan.chunk, q, v)
+  G = _cumulative_log_decay(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded)
+  o, s = _delta(backend, plan, layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp),
+                layout.rows(beta[..., None]), G, layout.state_in(initial_state))
+  return layout.outputs(o, s, q.dtype)

@@ -10,9 +10,10 @@ megablox's ``gmm`` (MegaBlocks, Gale et al. 2022, arXiv 2211.15841 §5: block-sp
 Implementations (``pallas_kernels.dispatch``):
 
 * ``reference``: every group's product on every row, masked (the test oracle; G times the work).
-* ``xla``: ``jax.lax.ragged_dot``. Native on TPU and GPU; XLA:CPU lowers it to the same masked dense batched
-  product as ``reference`` (G times the work). Its speed on accelerators is unmeasured in this repository: it
-  is the auto choice everywhere only because no kernel has been validated yet.
+* ``xla``: ``jax.lax.ragged_dot`` on GPU and TPU (native there; its speed is not yet measured in this
+  repository, and it is the auto choice only because no kernel has been validated). XLA:CPU lowers
+  ``ragged_dot`` to a masked dense product (G times the work), so on CPU ``xla`` is a block-sparse product of
+  gathered row tiles instead (:mod:`.xla`).
 * ``pallas_tpu``: megablox's ``gmm``/``tgmm`` kernels (jax's ``pallas.ops.tpu.megablox``) with their
   ``custom_vjp``, behind this op's padding and masking.
 * ``pallas_triton``: this package's own Triton kernels (:mod:`.gpu`): the forward product, the input gradient

@@ -67,14 +67,22 @@ class NoisyTopK(Router):
     if key is None:
       load = jnp.sum(jax.nn.one_hot(indices, self.num_experts), axis=(0, 1, 2))
     else:
-      threshold_if_in, threshold_if_out = top_values[..., self.k:], top_values[..., self.k - 1:self.k]
-      is_in = noisy > threshold_if_in
-      normal_cdf = jax.scipy.stats.norm.cdf
-      prob_in = jnp.where(is_in, normal_cdf((clean - threshold_if_in) / scale),
-                          normal_cdf((clean - threshold_if_out) / scale))
-      load = jnp.sum(prob_in, axis=(0, 1))
+      load = smooth_load(clean, noisy, scale, top_values)
     aux = {"importance": losses.cv_squared(jnp.sum(gates, axis=(0, 1))), "load": losses.cv_squared(load)}
     return Routing(weights, indices, jax.nn.softmax(noisy, axis=-1), clean, aux)
+
+
+def smooth_load(clean: jax.Array, noisy: jax.Array, scale: jax.Array, top_values: jax.Array) -> jax.Array:
+  """``(E,)``: ``Σ_x P(x, i)``, the probability that expert i stays in the top-k under fresh noise on its own
+  logit, the others' noisy logits fixed (arXiv 1701.06538 eqs. 8-10). ``top_values`` are the k + 1 largest noisy
+  logits: expert i must beat the k-th largest of the others, which is the (k+1)-th if i is in the top-k and
+  the k-th otherwise."""
+  k = top_values.shape[-1] - 1
+  threshold_if_in, threshold_if_out = top_values[..., k:], top_values[..., k - 1:k]
+  normal_cdf = jax.scipy.stats.norm.cdf
+  prob = jnp.where(noisy > threshold_if_in, normal_cdf((clean - threshold_if_in) / scale),
+                   normal_cdf((clean - threshold_if_out) / scale))
+  return jnp.sum(prob, axis=tuple(range(prob.ndim - 1)))
 
 
 @ROUTERS.register("laplace")

@@ -1,6 +1,7 @@
-"""Routers whose number of active experts varies per token or over training: adaptive top-k, top-p, and the
-dense-to-sparse temperature gates. Inactive slots carry the sentinel id and weight 0
-(:func:`~gated_jax.layers.moe.routing.deactivate`)."""
+"""Routers whose number of active experts varies per token or over training (adaptive top-k, top-p, the
+dense-to-sparse temperature gates) and the Gumbel-softmax gate. Inactive slots carry the sentinel id and weight
+0 (:func:`~gated_jax.layers.moe.routing.deactivate`). Gumbel noise comes from the shared stochastic-gate
+toolkit, :func:`gated_jax.layers.discrete_gates.gumbel_softmax`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gated_jax.layers import discrete_gates
 from gated_jax.layers.collections import noise_key
 from gated_jax.layers.moe import losses
 from gated_jax.layers.moe.routing import ROUTERS, Router, Routing, check_choice, deactivate, linear_schedule, top_k
@@ -90,9 +92,7 @@ class _DenseToSparse(Router):
     logits = self.logits(x_BTD)
     scores = {"none": lambda z: z, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}[self.activation](logits)
     key = noise_key(self) if self.gumbel else None
-    if key is not None:
-      scores = scores + jax.random.gumbel(key, scores.shape)
-    probs = jax.nn.softmax(scores / self.temperature(train_step), axis=-1)
+    probs = discrete_gates.gumbel_softmax(scores, key, self.temperature(train_step))
     weights, indices = top_k(probs, self.k)
     weights, indices = deactivate(weights, indices, weights >= self.threshold, self.num_experts)
     return Routing(weights, indices, probs, logits)
@@ -113,3 +113,35 @@ class ActivationDTSGate(_DenseToSparse):
   default) *before* the temperature softmax, ``softmax(act(x W) / τ)``, which removes the temperature–parameter
   interaction that slows plain temperature gates to sub-polynomial rates. No Gumbel noise."""
   activation: str = "tanh"
+
+
+@ROUTERS.register("gumbel")
+class GumbelGate(Router):
+  """Gumbel-softmax gating (GG-MoE, Chernov 2025, arXiv 2502.03608; Gumbel-softmax: Jang et al. 2017, arXiv
+  1611.01144 eq. 1): in training the gate is a Gumbel-softmax sample ``softmax((x W + g) / τ)`` over all
+  experts, a stochastic regulariser; the top-k experts of the sample are used with their sampled weights. At
+  inference the gate is the Monte-Carlo average of ``eval_samples`` samples (the paper reports ~10 suffice),
+  drawn from a fixed key so evaluation is deterministic; ``eval_samples=0`` uses the noiseless
+  ``softmax(x W / τ)``. ``probs`` is the (sampled or averaged) gate.
+  """
+  temperature: float = 1.0
+  eval_samples: int = 10
+  eval_seed: int = 0
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, train_step: Any = None) -> Routing:
+    del train_step
+    self.check_fields()
+    if isinstance(self.eval_samples, bool) or not isinstance(self.eval_samples, int) or self.eval_samples < 0:
+      raise ValueError(f"eval_samples: got {self.eval_samples!r}; allowed: an int >= 0")
+    logits = self.logits(x_BTD)
+    key = noise_key(self)
+    if key is not None:
+      probs = discrete_gates.gumbel_softmax(logits, key, self.temperature)
+    elif self.eval_samples:
+      keys = jax.random.split(jax.random.PRNGKey(self.eval_seed), self.eval_samples)
+      probs = jnp.mean(jax.vmap(lambda k: discrete_gates.gumbel_softmax(logits, k, self.temperature))(keys), 0)
+    else:
+      probs = discrete_gates.gumbel_softmax(logits, None, self.temperature)
+    weights, indices = top_k(probs, self.k)
+    return Routing(weights, indices, probs, logits)

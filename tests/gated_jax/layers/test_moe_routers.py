@@ -146,3 +146,16 @@ def test_every_router_returns_float32_top_slots(name):
   assert routing.indices.dtype == jnp.int32 and routing.probs.shape == (1, N, E)
   assert np.all((np.asarray(routing.indices) >= 0) & (np.asarray(routing.indices) <= E))
   assert list(itertools.islice(routing.aux, 10)) == sorted(routing.aux)
+
+
+def test_gumbel_samples_in_training_and_averages_deterministically_at_inference():
+  params = {"kernel": _kernel()}
+  a, b = (_route("gumbel", params, rng=jax.random.PRNGKey(s)) for s in (0, 1))
+  assert not np.allclose(a.probs, b.probs)
+  np.testing.assert_allclose(jnp.take_along_axis(a.probs, a.indices, -1), a.weights)
+  np.testing.assert_allclose(_route("gumbel", params).probs, _route("gumbel", params).probs)
+  noiseless = _route("gumbel", params, eval_samples=0, temperature=2.0)
+  np.testing.assert_allclose(noiseless.probs, jax.nn.softmax(noiseless.logits / 2.0), rtol=1e-6)
+  averaged = _route("gumbel", params, eval_samples=200)
+  np.testing.assert_allclose(jnp.sum(averaged.probs, -1), 1.0, rtol=1e-5)
+  assert not np.allclose(averaged.probs, jax.nn.softmax(averaged.logits), atol=1e-3)

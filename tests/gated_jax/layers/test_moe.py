@@ -90,7 +90,7 @@ def test_capacity_drops_the_expected_slots(priority, kept):
   x = jax.random.normal(ks[0], (1, 4, D))
   experts = dispatch.Experts(jax.random.normal(ks[1], (2, D, H)), jax.random.normal(ks[2], (2, D, H)),
                              jax.random.normal(ks[3], (2, H, D)), jax.nn.silu)
-  y, dropped = dispatch.capacity(x, weights, indices, experts, capacity=2, priority=priority)
+  y, dropped = jax.jit(lambda *a: dispatch.capacity(*a, capacity=2, priority=priority))(x, weights, indices, experts)
   outputs = jnp.stack([oracle.glu(x, experts.wi[e], experts.wi_up[e], experts.wo[e]) for e in range(2)])
   want = jnp.zeros_like(x)
   for t in range(4):

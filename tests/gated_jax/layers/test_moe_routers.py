@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +24,7 @@ def _kernel(seed=1, scale=1.0):
 
 def _route(name, params, x=None, k=2, rng=None, **kwargs):
   return ROUTERS.get(name)(num_experts=E, k=k, **kwargs).apply(
-      {"params": params}, _x() if x is None else x, rngs=None if rng is None else {NOISE_RNG: rng},
-      **kwargs.pop("call", {}))
+      {"params": params}, _x() if x is None else x, rngs=None if rng is None else {NOISE_RNG: rng})
 
 
 def test_noisy_topk_without_noise_is_renormalised_topk_and_noise_needs_an_rng():
@@ -137,7 +134,11 @@ def test_hash_router_is_fixed_and_uniformly_weighted():
   assert len(np.unique(np.asarray(a.indices))) > 1
 
 
-@pytest.mark.parametrize("name", ROUTERS.names())
+_DEFAULT_DTYPE_CHECK = ("topk_softmax", "sigmoid", "top_p", "expert_choice")  # the rest under slow
+
+
+@pytest.mark.parametrize("name", [n if n in _DEFAULT_DTYPE_CHECK else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ROUTERS.names()])
 def test_every_router_returns_float32_top_slots(name):
   router = ROUTERS.get(name)(num_experts=E, k=2, **({"causal": False} if name == "expert_choice" else {}))
   routing, _ = router.init_with_output(jax.random.PRNGKey(0), _x().astype(jnp.bfloat16))
@@ -145,7 +146,7 @@ def test_every_router_returns_float32_top_slots(name):
     assert leaf.dtype == jnp.float32
   assert routing.indices.dtype == jnp.int32 and routing.probs.shape == (1, N, E)
   assert np.all((np.asarray(routing.indices) >= 0) & (np.asarray(routing.indices) <= E))
-  assert list(itertools.islice(routing.aux, 10)) == sorted(routing.aux)
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in routing.aux.values())
 
 
 def test_gumbel_samples_in_training_and_averages_deterministically_at_inference():

@@ -6,6 +6,7 @@ Public ops (layout ``(batch, seq, heads, head_dim)``; see each docstring):
 * :func:`linear_attention` — gated linear attention (no decay, per-head or per-key-channel log decay).
 * :func:`delta_rule` — DeltaNet / Gated DeltaNet.
 * :func:`linear_attention_step`, :func:`delta_rule_step` — one decoding step of those two recurrences.
+* :func:`grouped_matmul` — rows sorted by group times per-group matrices (mixture-of-experts experts).
 
 Selection knobs: ``implementation=`` per call, ``with use("xla"):``, ``GATED_JAX_IMPL=xla``, and
 ``with interpret():`` to run the Pallas kernels in interpret mode on any backend. Auto selection picks a
@@ -17,9 +18,10 @@ Pallas kernel only on a backend where it is validated (``dispatch.Op.validated``
 from pallas_kernels.attention import attention
 from pallas_kernels.dispatch import (KNOWN_IMPLEMENTATIONS, FallbackWarning, current_backend, interpret,
                                      interpret_mode, use)
+from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.linear_attention import delta_rule, delta_rule_step, linear_attention, linear_attention_step
 
 __all__ = [
     "KNOWN_IMPLEMENTATIONS", "FallbackWarning", "attention", "current_backend", "delta_rule", "delta_rule_step",
-    "interpret", "interpret_mode", "linear_attention", "linear_attention_step", "use",
+    "grouped_matmul", "interpret", "interpret_mode", "linear_attention", "linear_attention_step", "use",
 ]

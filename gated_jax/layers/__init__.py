@@ -1,6 +1,7 @@
 """Flax linen layers, one file per family; importing this package fills the MIXERS and MLPS registries."""
 
-from gated_jax.layers import attention, gated_conv, linear_attention, mlp, norms, positional  # noqa: F401  (registration)
+from gated_jax.layers import attention, gated_conv, linear_attention, mlp, moe, norms, positional  # noqa: F401  (registration)
+from gated_jax.layers.moe import ROUTERS
 from gated_jax.layers.registry import MIXERS, MLPS, Registry
 
-__all__ = ["MIXERS", "MLPS", "Registry"]
+__all__ = ["MIXERS", "MLPS", "ROUTERS", "Registry"]

@@ -11,6 +11,11 @@ the training step. The names below are the whole contract between ``gated_jax.la
   ``path/name`` (e.g. ``layer_1/mlp/dropped_fraction``) in ``metrics.jsonl`` and TensorBoard.
 * **Noise**: ``noise_key(self)`` is a fresh key of the ``NOISE_RNG`` stream during training and ``None`` when
   the caller passed no such stream (evaluation, decoding): stochastic gates must then be deterministic.
+* **Parameter updates outside the optimizer** (DeepSeek-V3's auxiliary-loss-free expert bias):
+  ``sow_param_update(self, "selection_bias", delta)`` with ``delta`` shaped like this module's parameter of that
+  name; after the optimizer step the trainer adds ``delta`` (averaged over microbatches and devices, weighted by
+  tokens) to the parameter. The layer must keep that parameter out of the gradient (``stop_gradient``), so the
+  optimizer leaves it alone; outside training the sow is a no-op.
 * **Training step**: a mixer or MLP class that sets ``uses_train_step: ClassVar[bool] = True`` receives
   ``train_step`` (an int32 scalar, or ``None`` outside training) as a keyword of ``__call__``, e.g. for a
   temperature schedule.
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 AUX_LOSS = "aux_loss"
 LAYER_METRICS = "layer_metrics"
 NOISE_RNG = "gating"
+PARAM_UPDATES = "param_updates"
 
 
 def sow_aux_loss(module: nn.Module, name: str, value: jax.Array) -> None:
@@ -37,9 +43,15 @@ def sow_metric(module: nn.Module, name: str, value: jax.Array) -> None:
   module.sow(LAYER_METRICS, name, jnp.asarray(value, jnp.float32).reshape(()))
 
 
+def sow_param_update(module: nn.Module, name: str, delta: jax.Array) -> None:
+  """Records a change to ``module``'s parameter ``name`` that the trainer applies after the step (float32)."""
+  module.sow(PARAM_UPDATES, name, jnp.asarray(delta, jnp.float32))
+
+
 def noise_key(module: nn.Module) -> jax.Array | None:
   """A fresh key of the ``NOISE_RNG`` stream, or None when the caller gave none (deterministic mode)."""
   return module.make_rng(NOISE_RNG) if module.has_rng(NOISE_RNG) else None
 
 
-__all__ = ["AUX_LOSS", "LAYER_METRICS", "NOISE_RNG", "noise_key", "sow_aux_loss", "sow_metric"]
+__all__ = ["AUX_LOSS", "LAYER_METRICS", "NOISE_RNG", "PARAM_UPDATES", "noise_key", "sow_aux_loss", "sow_metric",
+           "sow_param_update"]

@@ -3,8 +3,9 @@
 Mesh axes, in order: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data parallelism
 with ZeRO-3 parameter and optimizer-state sharding over the ``embed`` axis), ``tensor`` (Megatron-style
 tensor parallelism over heads, MLP hidden units and the vocabulary), ``expert`` (mixture-of-experts
-parallelism). Sizes come from ``config.mesh``; ``-1`` on one axis takes the remaining devices. The mesh has
-Auto axis types (``jax.make_mesh``'s default Explicit types break logical-rule sharding).
+parallelism: expert weights are sharded over it, and outside the experts it is one more data-parallel axis,
+so the batch is split over ``data``, ``fsdp`` and ``expert``, as in MaxText). Sizes come from
+``config.mesh``; ``-1`` on one axis takes the remaining devices. The mesh has Auto axis types (``jax.make_mesh``'s default Explicit types break logical-rule sharding).
 
 Every parameter and activation carries logical names (``nn.with_logical_partitioning`` /
 ``nn.with_logical_constraint`` in the layers); ``RULES`` maps them to mesh axes. A mesh axis is used at most
@@ -25,7 +26,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
@@ -93,7 +94,7 @@ def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Sharding of a ``(batch, ...)`` array: the batch over ``data`` and ``fsdp``."""
+  """Sharding of a ``(batch, ...)`` array: the batch over ``data``, ``fsdp`` and ``expert``."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 

@@ -9,7 +9,9 @@ Layers' auxiliary losses and metrics (``gated_jax.layers.collections``) ride alo
 auxiliary losses, times ``aux_loss_weights[name]`` and times the microbatch's token weight, join the
 cross-entropy sum, so the total stays a token-weighted mean over the global batch; sown metrics are averaged
 the same way. Training steps pass a per-step key of the ``NOISE_RNG`` stream (folded with the step, the
-microbatch and, under pmap, the device) and the step number; evaluation passes neither.
+microbatch and, under pmap, the device) and the step number; evaluation passes neither. Parameter updates that
+layers sow (``sow_param_update``) are averaged like the metrics and added to their parameters after the
+optimizer step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gated_jax.layers.collections import AUX_LOSS, LAYER_METRICS, NOISE_RNG
+from gated_jax.layers.collections import AUX_LOSS, LAYER_METRICS, NOISE_RNG, PARAM_UPDATES
 from gated_jax.models import DecoderLM, lm_from_config
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -73,6 +75,18 @@ def aux_loss_total(aux: dict[str, jax.Array], weights: dict[str, float]) -> jax.
   return sum((weights[name] * value for name, value in aux.items()), jnp.zeros((), jnp.float32))
 
 
+def apply_param_updates(params: Any, updates: Any) -> Any:
+  """``params`` with each sown update (nested like the parameters) added to the parameter at its path."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(updates), sep="/")
+  paths = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  unknown = sorted(set(flat) - paths)
+  if unknown:
+    raise ValueError(f"sow_param_update: no parameter at {unknown}; the name must be a parameter of the layer")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p + flat["/".join(k.key for k in path)].astype(p.dtype)
+      if "/".join(k.key for k in path) in flat else p, params)
+
+
 def weighted_sums(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(sum w * cross-entropy, sum w * correct, sum w)`` over the batch, in float32."""
   w = batch["weights"].astype(jnp.float32)
@@ -117,22 +131,28 @@ class StepFns:
   def _reduce(self, tree: Any) -> Any:
     return jax.lax.psum(tree, PMAP_AXIS) if self.pmap else tree
 
-  def _forward_sums(self, params: Any, batch: Batch, **kwargs) -> tuple[jax.Array, dict[str, Any]]:
+  def _forward_sums(self, params: Any, batch: Batch, train: bool = False, **kwargs
+                    ) -> tuple[jax.Array, dict[str, Any]]:
     """``(objective sum, sums)`` of one (micro)batch: cross-entropy plus weighted auxiliary losses, each times
-    the token weight; ``sums`` holds ``loss``, ``correct``, ``weight`` and weight-times ``aux/*`` and metrics."""
-    logits, sown = _apply(self.model, params, batch, mutable=[AUX_LOSS, LAYER_METRICS], **kwargs)
+    the token weight; ``sums`` holds ``loss``, ``correct``, ``weight`` and weight-times ``aux/*`` and metrics
+    (and, in training, weight-times the sown parameter updates under ``PARAM_UPDATES``)."""
+    collections = [AUX_LOSS, LAYER_METRICS] + ([PARAM_UPDATES] if train else [])
+    logits, sown = _apply(self.model, params, batch, mutable=collections, **kwargs)
     loss, correct, weight = weighted_sums(logits, batch)
     aux = _by_name(sown.get(AUX_LOSS, {}), per_layer=False)
     objective = loss + weight * aux_loss_total(aux, dict(self.aux_loss_weights))
     layer_metrics = _by_name(sown.get(LAYER_METRICS, {}), per_layer=True)
     weighted = {**{f"aux/{k}": v for k, v in aux.items()}, **layer_metrics}
     sums = {"loss": loss, "correct": correct, "weight": weight, **{k: weight * v for k, v in weighted.items()}}
+    if train:
+      sums[PARAM_UPDATES] = jax.tree.map(lambda calls: weight * jnp.mean(jnp.stack(calls), axis=0),
+                                         sown.get(PARAM_UPDATES, {}), is_leaf=lambda x: isinstance(x, tuple))
     return objective, sums
 
   def _sums_and_grads(self, params: Any, batch: Batch, key: jax.Array, train_step: jax.Array
                       ) -> tuple[dict[str, jax.Array], Any]:
     def objective(p, mb, i):
-      return self._forward_sums(p, mb, rngs={NOISE_RNG: jax.random.fold_in(key, i)}, train_step=train_step)
+      return self._forward_sums(p, mb, True, rngs={NOISE_RNG: jax.random.fold_in(key, i)}, train_step=train_step)
     grad_fn = jax.grad(objective, has_aux=True)
     if self.grad_accum == 1:
       grads, sums = grad_fn(params, batch, 0)
@@ -160,6 +180,7 @@ class StepFns:
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    params = apply_param_updates(params, jax.tree.map(lambda u: u / denom, sums.pop(PARAM_UPDATES)))
     grad_norm = optax.tree.norm(grads)
     metrics = {k: v / denom for k, v in sums.items()}
     metrics["accuracy"] = metrics.pop("correct")

@@ -35,6 +35,7 @@ from pallas_kernels import dispatch
 CASE_MODULES = (
     "pallas_kernels.attention.selftest_cases",
     "pallas_kernels.linear_attention.selftest_cases",
+    "pallas_kernels.spiking_scan.selftest_cases",
 )
 
 

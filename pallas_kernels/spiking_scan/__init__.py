@@ -49,7 +49,8 @@ def spiking_scan(current, *, beta, threshold=1.0, reset: str = "subtract", reset
 
   Args:
     current: ``(B, T, N)`` input currents (float32 or bfloat16).
-    beta: membrane decay in [0, 1]: a number, or a ``()`` / ``(N,)`` array (differentiable).
+    beta: membrane decay in [0, 1]: a number, or a ``()`` / ``(N,)`` array (differentiable). Concrete values
+      outside [0, 1] are an error; traced ones are clamped to it (snnTorch's ``beta.clamp(0, 1)``).
     threshold: firing threshold > 0: a number, or a ``()`` / ``(N,)`` array (differentiable).
     reset: ``"subtract"``, ``"zero"`` or ``"none"``.
     reset_delay: reset in the step after the spike (True, snnTorch's default) or in the same step.
@@ -68,6 +69,7 @@ def spiking_scan(current, *, beta, threshold=1.0, reset: str = "subtract", reset
   _checks.check_array("current", current, rank=3, layout="(batch, seq, neurons)")
   batch, _, neurons = current.shape
   beta_N = _per_neuron("beta", beta, neurons, lambda x: (x >= 0) & (x <= 1), "values in [0, 1]")
+  beta_N = jnp.clip(beta_N, 0.0, 1.0)  # traced values are not checked: clamp them as snnTorch does
   theta_N = _per_neuron("threshold", threshold, neurons, lambda x: x > 0, "positive finite values")
   _checks.check_choice("reset", reset, RESETS)
   for name, flag in (("reset_delay", reset_delay), ("detach_reset", detach_reset),

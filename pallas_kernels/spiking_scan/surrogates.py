@@ -158,6 +158,7 @@ def get(surrogate: str | Surrogate = "atan", scale: float | None = None, mpr_rec
 def spike(surrogate: Surrogate, x, threshold):
   """``H(x) = 1[x > 0]`` in ``x.dtype`` with the surrogate backward; ``threshold`` (broadcastable to ``x``) is
   used only by MPR's normalisation and gets a zero cotangent."""
+  x = jnp.asarray(x)
   return (x > 0).astype(x.dtype)
 
 

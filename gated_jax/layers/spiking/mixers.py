@@ -35,6 +35,7 @@ from gated_jax.layers.linear_base import check_flag, check_implementation, check
 from gated_jax.layers.registry import MIXERS
 from gated_jax.layers.spiking.neurons import LIF, cache_mode
 from pallas_kernels import _checks
+from pallas_kernels.spiking_scan import surrogates
 
 _INIT_STDDEV = 0.02
 
@@ -69,6 +70,7 @@ class _SpikingMixer(nn.Module):
                        f"{self.num_heads}; allowed: an explicit head_dim")
     check_flag("rate_loss", self.rate_loss)
     check_implementation(self.implementation)
+    surrogates.get(self.surrogate, self.surrogate_scale)
     super().__post_init__()
 
   @property

@@ -163,7 +163,8 @@ def spike(surrogate: Surrogate, x, threshold):
 
 
 def _spike_fwd(surrogate, x, threshold):
-  return spike(surrogate, x, threshold), (x, threshold)
+  x = jnp.asarray(x)
+  return spike(surrogate, x, threshold), (x, jnp.asarray(threshold))
 
 
 def _spike_bwd(surrogate, residuals, g):

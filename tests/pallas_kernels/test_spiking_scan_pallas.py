@@ -31,8 +31,10 @@ def _case(index):
   return args, outputs_and_grads("reference", *args, **options)
 
 
-@pytest.mark.parametrize("implementation", ("pallas_tpu", "pallas_triton"))
-@pytest.mark.parametrize("index", range(len(CASES)))
+@pytest.mark.parametrize("implementation,index", [
+    ("pallas_tpu", 0), ("pallas_triton", 1),  # each kernel once in the default run, the other pairs under slow
+    pytest.param("pallas_tpu", 1, marks=pytest.mark.slow), pytest.param("pallas_triton", 0, marks=pytest.mark.slow),
+])
 def test_kernel_matches_reference(monkeypatch, implementation, index):
   # Time blocks of 8 steps: 21 steps make three TPU chunks, the last one ragged.
   monkeypatch.setattr(importlib.import_module("pallas_kernels.spiking_scan.tpu"), "TIME_BLOCK", 8)

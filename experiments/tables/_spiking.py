@@ -10,9 +10,9 @@ jitted ``lax.scan`` over steps, compiled once per configuration and reused acros
 
 Config fields (``base_config()``): ``seed``; ``data.name`` (``digits_rate``, ``digits_latency``,
 ``randman``), ``data.steps`` (time steps T of the digit codes), ``data.gain`` (rate coding), ``data.randman``
-(``gated_jax.data.spiking.randman`` kwargs, its own ``steps`` included); ``model.neuron`` (``gated_jax.layers.spiking.NEURONS``), ``model.neuron_kwargs``, ``model.hidden``,
-``model.layers``; ``train.steps``, ``train.batch_size``, ``train.lr``, ``train.rate_penalty``,
-``train.log_every``.
+(``gated_jax.data.spiking.randman`` kwargs, its own ``steps`` included); ``model.neuron``
+(``gated_jax.layers.spiking.NEURONS``), ``model.neuron_kwargs``, ``model.hidden``, ``model.layers``;
+``train.steps``, ``train.batch_size``, ``train.lr``, ``train.rate_penalty``, ``train.log_every``.
 """
 
 from __future__ import annotations

@@ -229,18 +229,15 @@ class SparseTCAM(_SpikingMixer):
       positions = positional.default_positions(batch, seq, offset)
     q = positional.apply_rope(q, positions, base=self.rope_base)
     k = positional.apply_rope(k, positions, base=self.rope_base)
-    keys_active = active_BT.astype(jnp.int32)
+    keys_active = active_BT
     if mode != "off":
       caches = [self.variable("cache", f"cached_{n}", jnp.zeros, a.shape, a.dtype)
                 for n, a in (("key", k), ("value", v), ("spikes", keys_active))]
       if mode == "step":
         k, v, keys_active = (self._append(c, a, index.value) for c, a in zip(caches, (k, v, keys_active)))
         index.value = index.value + seq
-    # Keys are masked by spikes through the pair form of segment ids: every query is in segment 1, a key is
-    # in segment 1 only where its position spiked.
-    segments = (jnp.ones((batch, seq), jnp.int32), keys_active)
     return pallas_kernels.attention(q, k, v, causal=True, window=None if self.window is None else self.window + 1,
-                                    segment_ids=segments, query_offset=offset if mode == "step" else None,
+                                    key_mask=keys_active, query_offset=offset if mode == "step" else None,
                                     implementation=self.implementation)
 
   @staticmethod

@@ -52,14 +52,13 @@ def test_decode_matches_full_sequence_and_is_causal(name, kwargs):
   assert all(np.isfinite(v) for v in norms.values()) and sum(v > 0 for v in norms.values()) >= len(norms) - 1
 
 
-def test_spike_masked_keys_via_segment_pairs_match_a_dense_reference():
-  """SparseTCAM hides silent keys with the pair form of segment ids (queries in segment 1, a key in segment 1
-  only where it spiked); rows with no visible key output 0."""
+def test_spike_masked_keys_match_a_dense_reference():
+  """SparseTCAM's attention: causal, a local window and keys masked by spikes (the op's ``key_mask``) together;
+  rows with no visible key output 0."""
   rng = np.random.default_rng(5)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 7, 2, 4)), jnp.float32) for _ in range(3))
   key_active = np.array([[0, 1, 0, 1, 1, 0, 1]])
-  out = pallas_kernels.attention(q, k, v, causal=True, window=3,
-                                 segment_ids=(jnp.ones((1, 7), jnp.int32), jnp.asarray(key_active, jnp.int32)))
+  out = pallas_kernels.attention(q, k, v, causal=True, window=3, key_mask=jnp.asarray(key_active, bool))
   scores = np.einsum("bthd,bshd->bhts", q, k) / 2.0
   i, j = np.arange(7)[:, None], np.arange(7)[None, :]
   visible = (j <= i) & (i - j < 3) & key_active[0][None, :].astype(bool)

@@ -117,8 +117,9 @@ def test_spyx_membranes_match_and_spikes_are_one_step_later():
     return jnp.sum(s[1:] * w_spike) + jnp.sum(m * w_mem), (s, m)
 
   beta = jnp.float32(0.8)
-  (_, (s, m)), grads = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(current, beta)
-  (_, (s_spyx, m_spyx)), grads_spyx = jax.value_and_grad(theirs, argnums=(0, 1), has_aux=True)(current, beta)
+  (_, (s, m)), grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(current, beta)
+  (_, (s_spyx, m_spyx)), grads_spyx = jax.jit(jax.value_and_grad(theirs, argnums=(0, 1), has_aux=True))(current,
+                                                                                                      beta)
   np.testing.assert_allclose(m, m_spyx, rtol=1e-6, atol=1e-6)
   assert not np.any(s_spyx[0])  # spyx's first spike reads the initial membrane
   np.testing.assert_array_equal(s_spyx[1:], s)  # spyx_spikes[t + 1] == our_spikes[t]

@@ -7,6 +7,7 @@ Public ops (layout ``(batch, seq, heads, head_dim)``; see each docstring):
 * :func:`delta_rule` — DeltaNet / Gated DeltaNet.
 * :func:`linear_attention_step`, :func:`delta_rule_step` — one decoding step of those two recurrences.
 * :func:`grouped_matmul` — rows sorted by group times per-group matrices (mixture-of-experts experts).
+* :func:`spiking_scan` — leaky integrate-and-fire neurons over time (surrogate gradients).
 
 Selection knobs: ``implementation=`` per call, ``with use("xla"):``, ``GATED_JAX_IMPL=xla``, and
 ``with interpret():`` to run the Pallas kernels in interpret mode on any backend. Auto selection picks a
@@ -20,8 +21,10 @@ from pallas_kernels.dispatch import (KNOWN_IMPLEMENTATIONS, FallbackWarning, cur
                                      interpret_mode, use)
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.linear_attention import delta_rule, delta_rule_step, linear_attention, linear_attention_step
+from pallas_kernels.spiking_scan import spiking_scan
 
 __all__ = [
     "KNOWN_IMPLEMENTATIONS", "FallbackWarning", "attention", "current_backend", "delta_rule", "delta_rule_step",
-    "grouped_matmul", "interpret", "interpret_mode", "linear_attention", "linear_attention_step", "use",
+    "grouped_matmul", "interpret", "interpret_mode", "linear_attention", "linear_attention_step", "spiking_scan",
+    "use",
 ]

@@ -36,6 +36,7 @@ CASE_MODULES = (
     "pallas_kernels.attention.selftest_cases",
     "pallas_kernels.linear_attention.selftest_cases",
     "pallas_kernels.grouped_matmul.selftest_cases",
+    "pallas_kernels.spiking_scan.selftest_cases",
 )
 
 

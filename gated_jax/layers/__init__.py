@@ -2,6 +2,7 @@
 
 from gated_jax.layers import attention, gated_conv, linear_attention, mlp, moe, norms, positional  # noqa: F401  (registration)
 from gated_jax.layers.moe import ROUTERS
+from gated_jax.layers.spiking import mixers as spiking_mixers, mlp as spiking_mlp  # noqa: F401  (registration)
 from gated_jax.layers.registry import MIXERS, MLPS, Registry
 
 __all__ = ["MIXERS", "MLPS", "ROUTERS", "Registry"]

@@ -13,7 +13,9 @@
   the head-specific gate), the head-specific logits are computed and averaged over the head axis before the
   activation [derived: the paper says it averages the score over the query-head axis].
 * ``activation``: ``"sigmoid"`` (default), ``"silu"``, ``"ns_sigmoid"`` (the non-sparse control of Table 4,
-  range [0.5, 1]; we use ``0.5 + 0.5·σ(x)``, which matches the stated range [derived]), ``"identity"``.
+  range [0.5, 1]; we use ``0.5 + 0.5·σ(x)``, which matches the stated range [derived]), ``"identity"``,
+  ``"spike"`` (a binary gate ``H(X W_θ)`` trained through the arctangent surrogate, SymbolicLight's
+  spike gating, arXiv 2605.21333; multiplicative only — ``gated_jax.layers.spiking``).
 * ``input_dependent=False``: the Table 4 control, a learnable zero-initialised tensor of the score's shape
   (no ``X``) through the activation.
 
@@ -32,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.spiking_scan.surrogates import Surrogate, spike
+
 POSITIONS = ("none", "G1", "G2", "G3", "G4", "G5")
 GRANULARITIES = ("elementwise", "headwise")
 MODES = ("multiplicative", "additive")
@@ -40,6 +44,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "ns_sigmoid": lambda x: 0.5 + 0.5 * jax.nn.sigmoid(x),
     "identity": lambda x: x,
+    "spike": lambda x: spike(Surrogate("atan", 2.0), x, jnp.ones((), jnp.float32)),
 }
 INIT_STDDEV = 0.02  # N(0, 0.02), zero biases: the official code's initializer_range (reference §1.4).
 

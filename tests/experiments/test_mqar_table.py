@@ -58,7 +58,8 @@ def test_micro_run_writes_files_and_verdicts(tmp_path, capsys):
   for name in ("table.md", "table.csv", "runs.jsonl", "plot.png", "summary.md", "accuracy_vs_state.png"):
     assert (out_dir / name).stat().st_size > 0, name
   printed = capsys.readouterr().out
-  assert "attention" in printed and ("held" in printed or "did not hold" in printed)
+  claim_lines = {line.split("**")[1]: line for line in printed.splitlines() if line.startswith("- **")}
+  assert "did not hold" in claim_lines["attention"]  # a few micro steps cannot reach 0.9 accuracy
   assert "best accuracy over learning rates vs width and recurrent-state size" in printed
   summary = (out_dir / "summary.md").read_text()
   assert "| attention | 32 / 2 | 32 |" in summary and "| gla | 32 / 2 | 32 |" in summary

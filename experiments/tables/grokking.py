@@ -15,7 +15,8 @@ Variants (per task):
 
 * ``softmax``: softmax cross-entropy in float32 (β₂ 0.99);
 * ``softmax-fp64`` (addition only, the collapse check): the log-softmax evaluated in float64, the model still
-  float32 (the paper's precision comparison, Figure 2);
+  float32 (the paper's precision comparison, Figure 2; with 64-bit types enabled for the run, Adam's
+  bias-correction scalars are float64 as well, and the float32 parameters are updated from them);
 * ``stablemax``: StableMax cross-entropy (β₂ 0.999 as the paper's script). The paper's code evaluates it in
   float64; ours stays in float32, the precision whose collapse it is meant to avoid;
 * ``orthograd``: ⊥AdamW — ``gated_jax.train.orthograd`` around the same Adam — with softmax cross-entropy in

@@ -1,5 +1,5 @@
-"""⊥Grad: gradients projected orthogonal to the weights, as an optax transformation (Prieto et al., "Grokking
-at the Edge of Numerical Stability", arXiv 2501.04697, the ⊥Grad section; the code's ``orthograd.py``).
+"""⊥Grad as an optax transformation: each parameter tensor's gradient projected orthogonal to that tensor
+(Prieto et al., "Grokking at the Edge of Numerical Stability", ICLR 2025, arXiv 2501.04697).
 
 After a model fits its training set, the gradient of the cross-entropy aligns with the weights themselves
 ("naïve loss minimisation": scaling the logits up lowers the loss without changing a prediction), which drives
@@ -8,8 +8,8 @@ the logits into Softmax Collapse. ⊥Grad removes that component from each param
 
     g_⊥ = g - (<w, g> / (<w, w> + eps)) w,        g ← g_⊥ · ‖g‖ / (‖g_⊥‖ + eps)
 
-The rescaling to the original norm follows the paper's code (``orthograd.py``); ``rescale=False`` keeps the
-plain projection. ``orthograd(optax.adamw(...))`` is the paper's ⊥AdamW.
+The rescaling to the original norm follows the authors' code (``orthograd.py`` of their repository);
+``rescale=False`` keeps the plain projection. ``orthograd(optax.adamw(...))`` is the paper's ⊥AdamW.
 """
 
 from __future__ import annotations

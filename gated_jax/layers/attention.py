@@ -27,6 +27,9 @@ All weights are ``N(0, 0.02)`` without biases, as in the official code (``initia
 ``attention_bias=False``). Decoding uses a KV cache (flax lm1b idiom): ``init(..., decode=True)`` on a
 ``(B, max_len, d_model)`` input sizes it; later ``decode=True`` calls append at ``cache_index`` and attend with
 ``query_offset = cache_index``.
+
+Diagnostics: with ``"intermediates"`` mutable the layer sows ``first_token_attention`` and ``gate_mean``; with
+``ATTENTION_WEIGHTS`` mutable it sows the weights themselves, ``(B, T, H, S)``, for entropy/sparsity studies.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from gated_jax.layers import gates, positional
 from gated_jax.layers.norms import HeadRMSNorm
 from gated_jax.layers.registry import MIXERS
 from pallas_kernels.attention import normalizers
+
+ATTENTION_WEIGHTS = "attention_weights"  # opt-in collection: apply(..., mutable=[ATTENTION_WEIGHTS])
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -251,6 +256,8 @@ class GatedAttention(nn.Module):
     y_BTD = self._gate(x_BTD, "G5", y_BTD, scores)
     if self.is_mutable_collection("intermediates"):
       self._sow_diagnostics(q_BTHK, k_BTNK, scores, attend)
+    if self.is_mutable_collection(ATTENTION_WEIGHTS):
+      self._sow_weights(q_BTHK, k_BTNK, attend)
     return nn.with_logical_constraint(y_BTD, ("batch", "length", "embed")).astype(x_BTD.dtype)
 
   def _cache(self, k_BTNK, v_BTNK):
@@ -270,6 +277,13 @@ class GatedAttention(nn.Module):
     value.value = jax.lax.dynamic_update_slice(value.value, v_BTNK.astype(value.value.dtype), start)
     index.value = index.value + k_BTNK.shape[1]
     return key.value, value.value
+
+  def _sow_weights(self, q_BTHK, k_BSNK, attend) -> None:
+    """The attention weights ``(B, T, H, S)`` under ``ATTENTION_WEIGHTS`` (opt-in: O(T·S) memory per head),
+    computed by attending to one-hot values (value ``j`` is ``e_j``), so every normalizer's exact zeros stay 0."""
+    batch, keys, kv_heads, _ = k_BSNK.shape
+    eye_BSNS = jnp.broadcast_to(jnp.eye(keys, dtype=q_BTHK.dtype)[None, :, None, :], (batch, keys, kv_heads, keys))
+    self.sow(ATTENTION_WEIGHTS, "weights", pallas_kernels.attention(q_BTHK, k_BSNK, eye_BSNS, **attend))
 
   def _sow_diagnostics(self, q_BTHK, k_BSNK, scores, attend) -> None:
     """``gate_mean`` (scalar) and ``first_token_attention`` ``(H,)``: the weight on key 0, computed by

@@ -9,7 +9,7 @@ import pytest
 from numpy import testing as npt
 
 from gated_jax.layers import MIXERS
-from gated_jax.layers.attention import GatedAttention
+from gated_jax.layers.attention import ATTENTION_WEIGHTS, GatedAttention
 
 D_MODEL, H, KV, D = 16, 4, 2, 4
 
@@ -140,6 +140,20 @@ def test_diagnostics_are_sown_only_when_mutable():
   ungated_params = {k: v for k, v in params.items() if k != "gate"}
   _, state = jax.jit(lambda p: ungated.apply({"params": p}, x, mutable=["intermediates"]))(ungated_params)
   assert set(state["intermediates"]) == {"first_token_attention"}
+
+
+def test_attention_weights_are_sown_on_request():
+  """Zero query kernel: every logit is 0, so sigmoid attention's sown ``(B, T, H, S)`` weights are
+  sigma(0 - log max_len) = 1/9 on the visible keys (max_len 8; unnormalised rows) and exactly 0 on masked ones."""
+  t = 5
+  x = _x(t=t)
+  layer = _layer(qk_norm=False, normalizer="sigmoid", max_len=8)
+  params = _params(layer, x)
+  params["query"]["kernel"] = jnp.zeros_like(params["query"]["kernel"])
+  _, state = jax.jit(lambda p: layer.apply({"params": p}, x, mutable=[ATTENTION_WEIGHTS]))(params)
+  (weights,) = state[ATTENTION_WEIGHTS]["weights"]
+  expected = np.tril(np.full((t, t), 1.0 / 9.0))
+  npt.assert_allclose(weights, np.broadcast_to(expected[None, :, None, :], (2, t, H, t)), rtol=1e-5, atol=1e-7)
 
 
 def test_segment_ids_match_separate_sequences():

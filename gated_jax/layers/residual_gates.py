@@ -71,7 +71,7 @@ def _int(name: str, value: Any, low: int) -> None:
 
 
 def _from_mapping(cls: type, name: str, mapping: Any, **fixed: Any) -> Any:
-  """``cls(**mapping, **fixed)``; ValueError naming unknown fields."""
+  """``cls(**mapping, **fixed)``, validated; ValueError naming unknown fields or bad values."""
   if not isinstance(mapping, Mapping):
     raise ValueError(f"{name}: got {mapping!r}; allowed: None or a mapping of {cls.__name__} fields")
   allowed = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
@@ -79,7 +79,9 @@ def _from_mapping(cls: type, name: str, mapping: Any, **fixed: Any) -> Any:
   if unknown:
     raise ValueError(f"{name}: got unknown fields {unknown}; allowed: {', '.join(allowed)}")
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
-  return cls(**values, **fixed)
+  spec = cls(**values, **fixed)
+  spec.validate()
+  return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +98,8 @@ class GateSkipSpec:
     budget_steps: steps over which it rises to ``train_budget``.
     rule: evaluation / decoding rule (:data:`SKIP_RULES`).
     budget: skipped fraction of the ``"quantile"`` and ``"random"`` rules.
-    thresholds: per-module importance thresholds of the ``"threshold"`` rule (module ``2·layer + branch``,
-      branch 0 the mixer, 1 the MLP).
+    thresholds: per-module importance thresholds of the ``"threshold"`` rule, in module order: layer by
+      layer, the mixer's before the MLP's.
     seed: key of the ``"random"`` rule.
     loss: auxiliary-loss name of the sparsity regulariser.
     num_modules: gated branches in the model (set by ``DecoderLM``; the regulariser is a mean over them).
@@ -118,9 +120,7 @@ class GateSkipSpec:
 
   @classmethod
   def from_mapping(cls, mapping: Any, num_modules: int) -> GateSkipSpec:
-    spec = _from_mapping(cls, "gateskip", mapping, num_modules=num_modules)
-    spec.validate()
-    return spec
+    return _from_mapping(cls, "gateskip", mapping, num_modules=num_modules)
 
   def validate(self) -> None:
     if self.granularity not in GRANULARITIES:
@@ -164,7 +164,7 @@ class ResidualGate(nn.Module):
 
   Attributes:
     spec: the model's GateSkip settings.
-    module_index: ``2·layer + branch`` (branch 0: mixer, 1: MLP), indexing ``spec.thresholds``.
+    module_index: this module's place in the order of ``spec.thresholds``.
     dtype: dtype of the gate projection.
   """
   spec: GateSkipSpec
@@ -239,14 +239,15 @@ class SkipMiddleSpec:
 
   @classmethod
   def from_mapping(cls, mapping: Any, num_layers: int) -> SkipMiddleSpec:
-    spec = _from_mapping(cls, "skip_middle", mapping, num_layers=num_layers)
-    _number("skip_middle.router_stddev", spec.router_stddev, 0.0)
-    _number("skip_middle.outer_target", spec.outer_target, 0.0, 1.0)
-    _number("skip_middle.inner_target", spec.inner_target, 0.0, 1.0)
-    if num_layers % 2:
-      raise ValueError(f"num_layers: got {num_layers} with skip_middle; allowed: an even number (the skipped "
-                       "span is symmetric about the middle of the stack)")
-    return spec
+    return _from_mapping(cls, "skip_middle", mapping, num_layers=num_layers)
+
+  def validate(self) -> None:
+    _number("skip_middle.router_stddev", self.router_stddev, 0.0)
+    _number("skip_middle.outer_target", self.outer_target, 0.0, 1.0)
+    _number("skip_middle.inner_target", self.inner_target, 0.0, 1.0)
+    if self.num_layers % 2:
+      raise ValueError(f"num_layers: got {self.num_layers} with skip_middle; allowed: an even number (the "
+                       "skipped span is symmetric about the middle of the stack)")
 
   def target(self, router: int) -> float:
     """Mean-gate target ``μ*`` of router ``router`` (0 … L/2 − 1)."""

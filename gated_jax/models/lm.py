@@ -92,7 +92,7 @@ class Block(nn.Module):
     mlp_kwargs: complete constructor kwargs of the MLP.
     dtype: compute dtype.
     gateskip: GateSkip settings of the model (None: no residual gates).
-    layer_idx: this block's index (numbers its gated modules ``2·layer_idx + branch``).
+    layer_idx: this block's index (its gated modules come after those of the blocks before it).
     post_norm: RMSNorm on each branch output before the residual add.
   """
   mixer: str
@@ -138,8 +138,8 @@ class Block(nn.Module):
     if self.post_norm:
       y_BTD = RMSNorm(dtype=self.dtype, name=f"{name}_post_norm")(y_BTD)
     if self.gateskip is not None:
-      y_BTD = ResidualGate(self.gateskip, 2 * self.layer_idx + branch, self.dtype, name=f"{name}_skip_gate")(
-          h_BTD, y_BTD, **gate_args)
+      index = self.layer_idx * (1 if self.mlp == "none" else 2) + branch
+      y_BTD = ResidualGate(self.gateskip, index, self.dtype, name=f"{name}_skip_gate")(h_BTD, y_BTD, **gate_args)
     if token_gate_BT is not None:
       y_BTD = y_BTD * token_gate_BT[..., None].astype(y_BTD.dtype)
     return x_BTD + y_BTD.astype(x_BTD.dtype)

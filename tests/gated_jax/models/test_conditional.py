@@ -205,3 +205,9 @@ def test_whole_sequence_rules_refuse_to_decode():
   with pytest.raises(ValueError, match="key_weights: given with normalizer='sigmoid'"):
     GatedAttention(d_model=8, num_heads=2, normalizer="sigmoid").init(KEY, jnp.zeros((1, 3, 8)),
                                                                     key_weights=jnp.ones((1, 3)))
+
+
+def test_models_without_mlp_have_one_gated_module_per_layer():
+  model = _lm(mlp="none", gateskip={"rule": "threshold", "thresholds": (0.5, 0.5)})
+  shapes = jax.eval_shape(model.init, KEY, TOKENS)["params"]
+  assert set(shapes["layer_1"]) == {"mixer_norm", "mixer", "mixer_skip_gate"}

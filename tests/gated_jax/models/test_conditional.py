@@ -3,6 +3,8 @@ open gates equal the plain model, the skip rules, decode = full forward on the s
 key weights against a direct numpy formula, the all-skipped stack, and bad arguments."""
 
 import functools
+import pathlib
+import sys
 
 import flax
 import jax
@@ -15,6 +17,9 @@ from gated_jax.layers import MIXERS
 from gated_jax.layers.attention import GatedAttention
 from gated_jax.layers.residual_gates import GateSkipSpec, ResidualGate
 from gated_jax.models import DecoderLM, gateskip
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _random_params import random_params  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -37,7 +42,7 @@ def _apply(model, params, tokens, mutable=()):
 
 
 def _init(model):
-  return flax.core.meta.unbox(jax.jit(lambda x: model.init(KEY, x))(TOKENS))["params"]
+  return random_params(model, TOKENS)
 
 
 def _sown(tree, suffix):
@@ -87,7 +92,6 @@ def test_open_gates_equal_the_plain_model_and_sow_the_regulariser(gated):
   assert sum(_sown(sown["layer_metrics"], "gateskip_skipped").values()) == 0
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _gate_outputs(spec, importance_BT, train_step=None):
   """ResidualGate on a scalar gate whose logit is the input's first channel; y = 1: returns g * keep."""
   u = jnp.zeros(importance_BT.shape + (4,)).at[..., 0].set(jax.scipy.special.logit(importance_BT))
@@ -101,18 +105,22 @@ def _gate_outputs(spec, importance_BT, train_step=None):
 def test_skip_rules_skip_the_lowest_gated_tokens_never_position_zero():
   importance = jnp.array([[0.05, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6, 0.5, 0.95]])
   scalar = {"granularity": "scalar"}
-  quantile = np.asarray(_gate_outputs(GateSkipSpec(**scalar, rule="quantile", budget=1 / 3), importance))
+  training = GateSkipSpec(**scalar, train_budget=2 / 3, budget_start=10, budget_steps=20)  # 0 at 10, 2/3 at 30
+
+  @jax.jit
+  def outputs(importance, many):  # every rule in one compiled program
+    return (_gate_outputs(GateSkipSpec(**scalar, rule="quantile", budget=1 / 3), importance),
+            _gate_outputs(GateSkipSpec(**scalar, rule="threshold", thresholds=(0.45,)), importance),
+            [_gate_outputs(training, importance, jnp.int32(s)) for s in (10, 20, 99)],
+            _gate_outputs(GateSkipSpec(**scalar, rule="random", budget=0.3), many))
+  quantile, threshold, trained, random = jax.tree.map(np.asarray, outputs(importance, jnp.full((64, 50), 0.5)))
   skipped = quantile == 0
   assert not skipped[0, 0] and skipped.sum() == 3  # position 0 has the lowest gate but is kept
   np.testing.assert_array_equal(np.flatnonzero(skipped[0]), [2, 4, 6])  # the three lowest of positions 1..9
   np.testing.assert_allclose(quantile[~skipped], importance[~skipped], rtol=1e-6)
-  threshold = _gate_outputs(GateSkipSpec(**scalar, rule="threshold", thresholds=(0.45,)), importance)
   np.testing.assert_array_equal(np.flatnonzero(threshold[0] == 0), [2, 4, 6])
-  # Training: the budget rises from 0 at step 10 to 2/3 at step 30.
-  training = GateSkipSpec(**scalar, train_budget=2 / 3, budget_start=10, budget_steps=20)
-  counts = [int((_gate_outputs(training, importance, jnp.int32(s)) == 0).sum()) for s in (10, 20, 99)]
-  assert counts == [0, 3, 6]
-  random = _gate_outputs(GateSkipSpec(**scalar, rule="random", budget=0.3), jnp.full((64, 50), 0.5)) == 0
+  assert [int((t == 0).sum()) for t in trained] == [0, 3, 6]
+  random = random == 0
   assert not random[:, 0].any() and abs(random[:, 1:].mean() - 0.3) < 0.03
 
 
@@ -141,7 +149,7 @@ def test_key_weights_add_log_weight_to_the_scores_and_decode_through_the_cache()
   x = jax.random.normal(KEY, (2, 6, 8))
   w = jnp.array([[1.0, 0.5, 0.0, 1.0, 0.25, 1.0], [0.0, 1.0, 1.0, 0.1, 1.0, 0.7]])
   layer = GatedAttention(d_model=8, num_heads=2, gate_position="none", rope=False, qk_norm=False, max_len=6)
-  params = flax.core.meta.unbox(jax.jit(layer.init)(KEY, x)["params"])
+  params = random_params(layer, x, key_weights=w)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   xn = np.asarray(x, np.float64)
   q, k, v = (np.einsum("btd,dhk->bthk", xn, p[n]["kernel"]) for n in ("query", "key", "value"))
@@ -150,14 +158,16 @@ def test_key_weights_add_log_weight_to_the_scores_and_decode_through_the_cache()
   total = weights.sum(-1, keepdims=True)
   probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)  # all-zero rows output 0
   expected = np.einsum("bhkd,hde->bke", np.einsum("bhts,bshd->bhtd", probs, v), p["out"]["kernel"])
-  call = jax.jit(lambda x, w, c: layer.apply({"params": params, **c}, x, key_weights=w, decode=bool(c),
-                                             mutable=["cache"]))
-  out, cache = call(x, w, {})
+  out = jax.jit(lambda x, w: layer.apply({"params": params}, x, key_weights=w))(x, w)
   np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-5)
-  _, cache = jax.jit(lambda: layer.apply({"params": params}, x, decode=True, key_weights=w, mutable=["cache"]))()
+  step = jax.jit(lambda x, w, c: layer.apply({"params": params, "cache": c}, x, key_weights=w, decode=True,
+                                             mutable=["cache"]))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), flax.core.meta.unbox(jax.eval_shape(
+      lambda: layer.init(KEY, x, key_weights=w, decode=True)))["cache"])  # empty KV cache, index 0
   decoded = []
   for t in range(6):  # the cache keeps each key's weight with its value
-    y, cache = call(x[:, t:t + 1], w[:, t:t + 1], cache)
+    y, state = step(x[:, t:t + 1], w[:, t:t + 1], cache)
+    cache = state["cache"]
     decoded.append(y)
   np.testing.assert_allclose(jnp.concatenate(decoded, 1), expected, rtol=2e-4, atol=2e-5)
 

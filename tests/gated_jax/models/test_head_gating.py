@@ -3,6 +3,8 @@
 effects, contrastive CHG, and bad arguments."""
 
 import itertools
+import pathlib
+import sys
 
 import flax
 import jax
@@ -12,6 +14,9 @@ import pytest
 
 from gated_jax.models import DecoderLM
 from gated_jax.models import head_gating as chg
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _random_params import random_params  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -28,8 +33,7 @@ def _lm():
   """Layer 0 softmax attention (projection ``out``), layer 1 GLA (``o_proj``); 2 heads each."""
   model = DecoderLM(vocab_size=V, d_model=16, num_layers=2, num_heads=2, max_len=T, mlp_hidden_dim=32,
                     mixer=("gated_attention", "gla"), mixer_kwargs=({"gate_position": "none"}, {}))
-  params = flax.core.meta.unbox(jax.jit(model.init)(KEY, jnp.zeros((1, T), jnp.int32))["params"])
-  return model, params
+  return model, random_params(model, jnp.zeros((1, T), jnp.int32))
 
 
 def _without_values(params, layer, head):

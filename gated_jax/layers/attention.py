@@ -23,6 +23,12 @@ Normalizers with learnable parameters (the op takes them as arrays):
 * ``"sigmoid"`` (arXiv 2409.04431 §3): the bias is ``-log(max_len)``, the maximum training length (as in
   AXLearn), so that decode and full-sequence calls agree.
 
+``key_weights`` (``(B, T)`` in [0, 1], optional) hides keys softly, as adding ``log w_j`` to the scores of key
+``j`` (skip-the-middle's gated attention, arXiv 2506.21103): the values carry ``[w_j v_j, w_j]`` (in the KV
+cache too) and the output is the ratio of the two parts, which equals ``Σ_j w_j e^{s_ij} v_j / Σ_j w_j
+e^{s_ij}`` for the softmax-family normalizers (``KEY_WEIGHT_NORMALIZERS``); a row whose visible keys all have
+weight 0 outputs 0.
+
 All weights are ``N(0, 0.02)`` without biases, as in the official code (``initializer_range`` 0.02,
 ``attention_bias=False``). Decoding uses a KV cache (flax lm1b idiom): ``init(..., decode=True)`` on a
 ``(B, max_len, d_model)`` input sizes it; later ``decode=True`` calls append at ``cache_index`` and attend with
@@ -35,7 +41,7 @@ Diagnostics: with ``"intermediates"`` mutable the layer sows ``first_token_atten
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -48,6 +54,7 @@ from gated_jax.layers.registry import MIXERS
 from pallas_kernels.attention import normalizers
 
 ATTENTION_WEIGHTS = "attention_weights"  # opt-in collection: apply(..., mutable=[ATTENTION_WEIGHTS])
+KEY_WEIGHT_NORMALIZERS = ("softmax", "ssmax", "selective")  # normalise e^{s}: key weights are exact
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -118,6 +125,7 @@ class GatedAttention(nn.Module):
   sdpa_silu: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  accepts_key_weights: ClassVar[bool] = True
 
   def __post_init__(self):
     _positive_int("d_model", self.d_model)
@@ -180,7 +188,7 @@ class GatedAttention(nn.Module):
       return normalizers.Sigmoid(bias=-math.log(self.max_len))
     return self.normalizer
 
-  def _check_inputs(self, x_BTD, segment_ids, positions, decode) -> None:
+  def _check_inputs(self, x_BTD, segment_ids, positions, decode, key_weights) -> None:
     if not hasattr(x_BTD, "ndim") or x_BTD.ndim != 3 or x_BTD.shape[-1] != self.d_model:
       raise ValueError(f"x_BTD: got shape {getattr(x_BTD, 'shape', type(x_BTD))}; allowed: (batch, seq, "
                        f"{self.d_model})")
@@ -189,10 +197,17 @@ class GatedAttention(nn.Module):
     if decode and segment_ids is not None:
       raise ValueError("segment_ids: got an array with decode=True; allowed: None (the KV cache holds one "
                        "sequence per batch row)")
+    if key_weights is not None:
+      if tuple(key_weights.shape) != tuple(x_BTD.shape[:2]):
+        raise ValueError(f"key_weights: got shape {tuple(key_weights.shape)}; allowed: {tuple(x_BTD.shape[:2])}")
+      if self.normalizer not in KEY_WEIGHT_NORMALIZERS:
+        raise ValueError(f"key_weights: given with normalizer={self.normalizer!r}; allowed with "
+                         f"{', '.join(map(repr, KEY_WEIGHT_NORMALIZERS))} (they normalise e^score)")
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
+               positions: jax.Array | None = None, decode: bool = False,
+               key_weights: jax.Array | None = None) -> jax.Array:
     """``x_BTD`` ``(B, T, d_model)`` -> ``(B, T, d_model)`` in ``x_BTD.dtype``.
 
     Args:
@@ -201,8 +216,9 @@ class GatedAttention(nn.Module):
       positions: ``(B, T)`` int positions for RoPE; default ``arange(T)`` (``cache_index + arange(T)`` in
         decode).
       decode: read and append to the ``"cache"`` collection (see module docstring).
+      key_weights: ``(B, T)`` soft key weights in [0, 1] (see module docstring); None: all 1.
     """
-    self._check_inputs(x_BTD, segment_ids, positions, decode)
+    self._check_inputs(x_BTD, segment_ids, positions, decode, key_weights)
     batch, seq, _ = x_BTD.shape
     heads, kv_heads, dim = self.num_heads, self.kv_heads, self.dim
     x_BTD = nn.with_logical_constraint(x_BTD.astype(self.dtype), ("batch", "length", "embed"))
@@ -219,6 +235,9 @@ class GatedAttention(nn.Module):
     v_BTNK = self._gate(x_BTD, "G2", v_BTNK, scores)
     k_BTNK = self._gate(x_BTD, "G3", k_BTNK, scores)
     q_BTHK = self._gate(x_BTD, "G4", q_BTHK, scores)
+    if key_weights is not None:  # values [w v, w]: numerator and denominator of the key-weighted average
+      w_BTN1 = jnp.broadcast_to(key_weights.astype(v_BTNK.dtype)[:, :, None, None], (*v_BTNK.shape[:3], 1))
+      v_BTNK = jnp.concatenate([v_BTNK * w_BTN1, w_BTN1], axis=-1)
 
     query_offset, cache = None, None
     if decode:
@@ -236,13 +255,17 @@ class GatedAttention(nn.Module):
     attend = dict(normalizer=self._normalizer(), window=self.window, segment_ids=segment_ids,
                   query_offset=query_offset, implementation=self.implementation)
     spec = self.gate_spec
-    fused = spec.position == "G1" and spec.mode == "multiplicative" and not (self.sdpa_norm or self.sdpa_silu)
+    fused = (spec.position == "G1" and spec.mode == "multiplicative" and not (self.sdpa_norm or self.sdpa_silu)
+             and key_weights is None)
     gate_score = gates.Gate(spec, heads, dim, "heads", self.dtype, self.param_dtype, name="gate")(x_BTD) \
         if fused else None
     if fused:
       scores.append(gate_score)
       gate_score = jnp.broadcast_to(gate_score, (batch, seq, heads, gate_score.shape[-1]))
     o_BTHK = pallas_kernels.attention(q_BTHK, k_BTNK, v_BTNK, gate=gate_score, **attend)
+    if key_weights is not None:
+      o32, weight = o_BTHK[..., :-1].astype(jnp.float32), o_BTHK[..., -1:].astype(jnp.float32)
+      o_BTHK = jnp.where(weight > 0, o32 / jnp.where(weight > 0, weight, 1.0), 0.0).astype(o_BTHK.dtype)
     if self.sdpa_norm:
       o_BTHK = HeadRMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, scale_axes=("heads", "head_dim"),
                            name="sdpa_norm")(o_BTHK)

@@ -8,6 +8,12 @@ layer ``i`` is ``mixer[i % len(mixer)]`` with ``mixer_kwargs[i % len(mixer)]``, 
 
 When the ``"intermediates"`` collection is mutable each block sows ``max_abs_activation`` and ``kurtosis`` of
 the residual stream after it (``gated_jax.models.diagnostics``), next to whatever its mixer sows.
+
+Conditional computation (``gated_jax.layers.residual_gates``; all off by default, and then the model is the
+plain one above): ``gateskip`` puts GateSkip's residual gate on every branch of every block (arXiv
+2510.13876), ``skip_middle`` adds the symmetric middle-span router (arXiv 2506.21103) and
+``branch_post_norm`` a post-norm on each branch output before the residual add (the sandwich / peri-LN layout
+the skip-middle paper uses).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from flax.core import FrozenDict
 
 from gated_jax.layers import MIXERS, MLPS
 from gated_jax.layers.norms import RMSNorm
+from gated_jax.layers.residual_gates import DECODE_RULES, GateSkipSpec, ResidualGate, SkipMiddleRouter, SkipMiddleSpec
 from gated_jax.models import diagnostics
 
 # DecoderLM fields handed to a mixer that declares a field of the same name (unless set in its kwargs).
@@ -84,33 +91,75 @@ class Block(nn.Module):
     mlp: registered MLP name or ``"none"``.
     mlp_kwargs: complete constructor kwargs of the MLP.
     dtype: compute dtype.
+    gateskip: GateSkip settings of the model (None: no residual gates).
+    layer_idx: this block's index (its gated modules come after those of the blocks before it).
+    post_norm: RMSNorm on each branch output before the residual add.
   """
   mixer: str
   mixer_kwargs: Mapping[str, Any]
   mlp: str
   mlp_kwargs: Mapping[str, Any]
   dtype: Any = jnp.float32
+  gateskip: GateSkipSpec | None = None
+  layer_idx: int = 0
+  post_norm: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, decode: bool = False,
-               train_step: jax.Array | None = None) -> jax.Array:
-    h_BTD = RMSNorm(dtype=self.dtype, name="mixer_norm")(x_BTD)
+               train_step: jax.Array | None = None, token_gate_BT: jax.Array | None = None) -> jax.Array:
+    """``token_gate_BT`` (skip-the-middle): a per-token factor on both branch outputs, also handed to the mixer
+    as ``key_weights``."""
+    gate_args = {}
+    if self.gateskip is not None:
+      gate_args = dict(positions_BT=self._gate_positions(x_BTD, positions, decode), segment_ids=segment_ids,
+                       train_step=train_step)
     mixer_cls = MIXERS.get(self.mixer)
-    mixer = mixer_cls(name="mixer", **self.mixer_kwargs)
-    y_BTD = mixer(h_BTD, segment_ids=segment_ids, positions=positions, decode=decode,
-                  **_step_kwarg(mixer_cls, train_step))
-    x_BTD = x_BTD + y_BTD.astype(x_BTD.dtype)
+    key_weights = {} if token_gate_BT is None else {"key_weights": token_gate_BT}
+    mixer = lambda h: mixer_cls(name="mixer", **self.mixer_kwargs)(
+        h, segment_ids=segment_ids, positions=positions, decode=decode, **_step_kwarg(mixer_cls, train_step),
+        **key_weights)
+    x_BTD = self._branch(x_BTD, "mixer", mixer, 0, token_gate_BT, gate_args)
     if self.mlp != "none":
-      h_BTD = RMSNorm(dtype=self.dtype, name="mlp_norm")(x_BTD)
       mlp_cls = MLPS.get(self.mlp)
-      y_BTD = mlp_cls(name="mlp", **self.mlp_kwargs)(h_BTD, **_step_kwarg(mlp_cls, train_step))
-      x_BTD = x_BTD + y_BTD.astype(x_BTD.dtype)
+      mlp = lambda h: mlp_cls(name="mlp", **self.mlp_kwargs)(h, **_step_kwarg(mlp_cls, train_step))
+      x_BTD = self._branch(x_BTD, "mlp", mlp, 1, token_gate_BT, gate_args)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "max_abs_activation", diagnostics.max_abs(x_BTD))
       self.sow("intermediates", "kurtosis", diagnostics.kurtosis(x_BTD))
     return x_BTD
+
+  def _branch(self, x_BTD: jax.Array, name: str, fn: Any, branch: int, token_gate_BT: jax.Array | None,
+              gate_args: dict[str, Any]) -> jax.Array:
+    """``x + [token gate ⊙] [GateSkip gate ⊙] [post-norm] fn(norm(x))``."""
+    h_BTD = RMSNorm(dtype=self.dtype, name=f"{name}_norm")(x_BTD)
+    y_BTD = fn(h_BTD)
+    if self.post_norm:
+      y_BTD = RMSNorm(dtype=self.dtype, name=f"{name}_post_norm")(y_BTD)
+    if self.gateskip is not None:
+      index = self.layer_idx * (1 if self.mlp == "none" else 2) + branch
+      y_BTD = ResidualGate(self.gateskip, index, self.dtype, name=f"{name}_skip_gate")(h_BTD, y_BTD, **gate_args)
+    if token_gate_BT is not None:
+      y_BTD = y_BTD * token_gate_BT[..., None].astype(y_BTD.dtype)
+    return x_BTD + y_BTD.astype(x_BTD.dtype)
+
+  def _gate_positions(self, x_BTD: jax.Array, positions: jax.Array | None, decode: bool) -> jax.Array:
+    """Absolute token positions for GateSkip's first-token rule: ``positions``, else a decode counter (cache
+    variable ``gateskip_index``), else ``arange``."""
+    if decode and self.gateskip.rule not in DECODE_RULES:
+      raise ValueError(f"gateskip.rule: got {self.gateskip.rule!r} with decode=True; allowed: "
+                       f"{', '.join(DECODE_RULES)} (the other rules look at the whole sequence or batch)")
+    if positions is not None:
+      return positions
+    batch, seq = x_BTD.shape[:2]
+    start = jnp.zeros((), jnp.int32)
+    if decode:
+      initialized = self.has_variable("cache", "gateskip_index")
+      index = self.variable("cache", "gateskip_index", lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        start, index.value = index.value, index.value + seq
+    return jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
 
 
 class DecoderLM(nn.Module):
@@ -132,6 +181,12 @@ class DecoderLM(nn.Module):
     dtype: compute dtype (parameters stay float32; logits are float32).
     max_len: longest sequence (decode cache length), passed to mixers that declare it.
     remat: rematerialise each block in the backward pass (``nn.remat``).
+    gateskip: None, or a mapping of ``gated_jax.layers.residual_gates.GateSkipSpec`` fields: GateSkip gates
+      on every branch (e.g. ``{"train_budget": 0.2, "budget_steps": 1000}``; the sparsity regulariser needs
+      ``train.aux_loss_weights["gateskip_sparsity"]``).
+    skip_middle: None, or a mapping of ``SkipMiddleSpec`` fields: skip-the-middle routers (even
+      ``num_layers``; mixers that accept ``key_weights``; weight ``"skip_middle_sparsity"``).
+    branch_post_norm: RMSNorm on each branch output before the residual add.
   """
   vocab_size: int
   d_model: int
@@ -148,10 +203,13 @@ class DecoderLM(nn.Module):
   dtype: Any = jnp.float32
   max_len: int = 2048
   remat: bool = False
+  gateskip: Any = None
+  skip_middle: Any = None
+  branch_post_norm: bool = False
 
   def __post_init__(self):
     # Hashable fields (a static argument of jax.jit, e.g. in ``generate``): dicts -> FrozenDict, lists -> tuples.
-    for name in ("mixer", "mixer_kwargs", "mlp_kwargs"):
+    for name in ("mixer", "mixer_kwargs", "mlp_kwargs", "gateskip", "skip_middle"):
       object.__setattr__(self, name, _frozen(getattr(self, name)))
     super().__post_init__()
 
@@ -178,6 +236,23 @@ class DecoderLM(nn.Module):
       specs.append((name, full))
     return tuple(specs)
 
+  def gateskip_spec(self) -> GateSkipSpec | None:
+    """The validated GateSkip settings (None when off)."""
+    if self.gateskip is None:
+      return None
+    return GateSkipSpec.from_mapping(self.gateskip, self.num_layers * (1 if self.mlp == "none" else 2))
+
+  def skip_middle_spec(self) -> SkipMiddleSpec | None:
+    """The validated skip-the-middle settings (None when off); every mixer must accept ``key_weights``."""
+    if self.skip_middle is None:
+      return None
+    spec = SkipMiddleSpec.from_mapping(self.skip_middle, self.num_layers)
+    for name in _as_names(self.mixer):
+      if not getattr(MIXERS.get(name), "accepts_key_weights", False):
+        raise ValueError(f"mixer: got {name!r} with skip_middle; allowed: mixers that accept key_weights (hiding "
+                         "skipped tokens from later attention), e.g. 'gated_attention'")
+    return spec
+
   def _mlp_kwargs(self) -> dict[str, Any]:
     if self.mlp == "none":
       return {}
@@ -200,10 +275,22 @@ class DecoderLM(nn.Module):
     embed = nn.Embed(self.vocab_size, self.d_model, dtype=dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
     x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
+    gateskip, middle = self.gateskip_spec(), self.skip_middle_spec()
+    if not isinstance(self.branch_post_norm, bool):
+      raise ValueError(f"branch_post_norm: got {self.branch_post_norm!r}; allowed: True or False")
     block_cls = nn.remat(Block, static_argnums=(4,)) if self.remat else Block  # 4: decode (self is 0)
+    gates_BT: list[jax.Array] = []
+    cumulative_BT = None
     for i, (name, kwargs) in enumerate(specs):
-      block = block_cls(name, kwargs, self.mlp, mlp_kwargs, dtype, name=f"layer_{i}")
-      x_BTD = block(x_BTD, segment_ids, positions, decode, train_step)
+      token_gate_BT = None
+      if middle is not None:
+        if i < self.num_layers // 2:
+          gate_BT, cumulative_BT = SkipMiddleRouter(middle, i, name=f"skip_router_{i}")(x_BTD, cumulative_BT)
+          gates_BT.append(gate_BT)
+        token_gate_BT = gates_BT[middle.layer_gate(i)]
+      block = block_cls(name, kwargs, self.mlp, mlp_kwargs, dtype, gateskip, i, self.branch_post_norm,
+                        name=f"layer_{i}")
+      x_BTD = block(x_BTD, segment_ids, positions, decode, train_step, token_gate_BT)
     x_BTD = RMSNorm(dtype=dtype, name="final_norm")(x_BTD).astype(jnp.float32)
     if self.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(jnp.float32))

@@ -5,6 +5,7 @@ Public ops (layout ``(batch, seq, heads, head_dim)``; see each docstring):
 * :func:`attention` — softmax-family attention with every normalizer, GQA, causal/window/segment masks.
 * :func:`linear_attention` — gated linear attention (no decay, per-head or per-key-channel log decay).
 * :func:`delta_rule` — DeltaNet / Gated DeltaNet.
+* :func:`biased_attention` — dense attention with a per-head score bias and weight (vision windows).
 * :func:`slstm` — the sLSTM recurrence of xLSTM (exponential gating, normaliser and stabiliser states).
 
 Selection knobs: ``implementation=`` per call, ``with use("xla"):``, ``GATED_JAX_IMPL=xla``, and
@@ -15,6 +16,7 @@ Pallas kernel only on a backend where it is validated (``dispatch.Op.validated``
 """
 
 from pallas_kernels.attention import attention
+from pallas_kernels.biased_attention import biased_attention
 from pallas_kernels.dispatch import (KNOWN_IMPLEMENTATIONS, FallbackWarning, current_backend, interpret,
                                      interpret_mode, use)
 from pallas_kernels.linear_attention import delta_rule, linear_attention
@@ -23,5 +25,5 @@ from pallas_kernels.slstm import SLSTMState, slstm
 __all__ = [
     "KNOWN_IMPLEMENTATIONS", "FallbackWarning", "attention", "current_backend", "delta_rule", "interpret", "interpret_mode",
     "linear_attention", "use",
-    "SLSTMState", "slstm",
+    "SLSTMState", "biased_attention", "slstm",
 ]

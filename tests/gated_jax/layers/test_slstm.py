@@ -1,5 +1,6 @@
 """The ``slstm`` mixer: prefill + token-by-token decode equals the full-sequence call, causality, packed
-segments equal separate sequences, xLSTM's forget-bias initialisations, bad arguments."""
+segments do not see each other, xLSTM's forget-bias initialisations, bad arguments. The mixer runs the op's
+``reference`` (cheap to compile); ``xla`` equals it (``tests/pallas_kernels/test_slstm.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ D, H, T = 16, 2, 9
 
 @pytest.fixture(scope="module")
 def mixer_and_params():
-  mixer = MIXERS.get("slstm")(d_model=D, num_heads=H, layer_idx=1, num_layers=3)
+  mixer = MIXERS.get("slstm")(d_model=D, num_heads=H, layer_idx=1, num_layers=3, implementation="reference")
   x = jax.random.normal(jax.random.key(0), (2, T, D))
   params = nn.unbox(mixer.init(jax.random.key(1), x))["params"]
   # R is zero at init; a non-zero recurrent kernel exercises the memory mixing in every test.

@@ -43,8 +43,8 @@ attention_op.register("pallas_triton", "pallas_kernels.attention.gpu:attention",
 
 
 def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool = True,
-              window: int | None = None, segment_ids=None, scale: float | None = None, gate=None,
-              query_offset=None, implementation: str | Sequence[str] | None = None):
+              window: int | None = None, segment_ids=None, key_mask=None, scale: float | None = None,
+              gate=None, query_offset=None, implementation: str | Sequence[str] | None = None):
   """Attention with a choice of score normalizer, GQA, causal / sliding-window / segment masks.
 
   Args:
@@ -58,6 +58,8 @@ def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool
     window: positive int: also ``pos_i - j < window`` (``|pos_i - j| < window`` when not causal).
     segment_ids: ``(B, T)`` int when ``T == S``, or a pair ``(q_segment_ids (B, T), kv_segment_ids (B, S))``:
       keys are visible only within the query's segment.
+    key_mask: ``(B, S)`` bool, True where the key may be attended (padding, gated-off keys); None: all.
+      Masking a key is the same as removing it (the keys keep their positions).
     scale: logit scale, default ``D ** -0.5``.
     gate: optional multiplicative output gate ``(B, T, H, Dv)`` or ``(B, T, H, 1)``, already activated.
     query_offset: absolute position of query 0: an int >= 0 or a ``(B,)`` int array; default ``S - T``.
@@ -72,7 +74,8 @@ def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool
     raise ValueError(f"causal: got {causal!r}; allowed: True or False")
   _checks.check_positive_int("window", window)
   mask = masking.Mask(query_offset=_query_offset(query_offset, batch, seq, num_keys),
-                      **_segment_ids(segment_ids, batch, seq, num_keys), causal=causal, window=window)
+                      **_segment_ids(segment_ids, batch, seq, num_keys),
+                      key_mask=_key_mask(key_mask, batch, num_keys), causal=causal, window=window)
   q_scale = _q_scale(norm, mask, _scale(scale, q.shape[-1]), batch, seq, heads, num_keys)
   if gate is not None:
     _checks.check_array("gate", gate, rank=4, layout="(batch, seq, heads, value_dim or 1)")
@@ -144,6 +147,18 @@ def _segment_ids(segment_ids, batch: int, seq: int, num_keys: int) -> dict[str, 
     _checks.check_array(name, ids, rank=2, layout="(batch, seq)", floating=False)
     _checks.check_shape(name, ids, (batch, length), "(batch, seq)")
   return dict(q_segment_ids=q_ids.astype(jnp.int32), kv_segment_ids=kv_ids.astype(jnp.int32))
+
+
+def _key_mask(key_mask, batch: int, num_keys: int) -> jax.Array | None:
+  if key_mask is None:
+    return None
+  if not hasattr(key_mask, "shape") or not hasattr(key_mask, "dtype"):
+    raise ValueError(f"key_mask: expected a ({batch}, {num_keys}) bool array or None, got "
+                     f"{type(key_mask).__name__}")
+  if tuple(key_mask.shape) != (batch, num_keys) or key_mask.dtype != jnp.bool_:
+    raise ValueError(f"key_mask: got an array {key_mask.dtype}{tuple(key_mask.shape)}; allowed: a "
+                     f"({batch}, {num_keys}) bool array (batch, keys) or None")
+  return key_mask
 
 
 def _q_scale(norm: Normalizer, mask: masking.Mask, scale: float, batch: int, seq: int, heads: int,

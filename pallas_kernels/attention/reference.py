@@ -29,7 +29,7 @@ def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale):
   s_BHTS = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k_BSHD, precision=jax.lax.Precision.HIGHEST)
   s_BHTS = s_BHTS * jnp.swapaxes(q_scale, 1, 2)[..., None]
   vis_BTS = masking.visible(mask.positions(seq), jnp.arange(num_keys), mask.q_segment_ids, mask.kv_segment_ids,
-                            causal=mask.causal, window=mask.window, num_keys=num_keys)
+                            mask.key_mask, causal=mask.causal, window=mask.window, num_keys=num_keys)
   p_BHTS = normalizer.weights(s_BHTS, vis_BTS[:, None])
   o_BTHV = jnp.einsum("bhts,bshv->bthv", p_BHTS, v_BSHV, precision=jax.lax.Precision.HIGHEST)
   return o_BTHV.astype(q.dtype)

@@ -56,8 +56,9 @@ def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale):
   pos_BR = jnp.tile(mask.positions(seq), (1, group))
   q_seg_BR = None if mask.q_segment_ids is None else jnp.tile(mask.q_segment_ids, (1, group))
   kv_seg_BS = None if mask.kv_segment_ids is None else pad_keys(mask.kv_segment_ids)
+  key_ok_BS = None if mask.key_mask is None else pad_keys(mask.key_mask)
   config = _Config(normalizer, mask.causal, mask.window, num_keys, block)
-  o_BKRV = _blockwise(config, q_BKRD, k_BKSD, v_BKSV, c_BKR, pos_BR, q_seg_BR, kv_seg_BS)
+  o_BKRV = _blockwise(config, q_BKRD, k_BKSD, v_BKSV, c_BKR, pos_BR, q_seg_BR, (kv_seg_BS, key_ok_BS))
   o_BTHV = o_BKRV.reshape(batch, kv_heads, group, seq, value_dim).transpose(0, 3, 1, 2, 4)
   return o_BTHV.reshape(batch, seq, heads, value_dim).astype(q.dtype)
 
@@ -68,29 +69,30 @@ def _dot(spec: str, a, b):
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _key_blocks(config: _Config, k, v, kv_seg):
-  """Scan inputs: per block ``(k (B, KV, J, D), v (B, KV, J, Dv), key index (J,), kv segment ids (B, J))``."""
+def _key_blocks(config: _Config, k, v, kv_keys):
+  """Scan inputs: per block ``(k (B, KV, J, D), v (B, KV, J, Dv), key index (J,), kv segment ids (B, J),
+  key mask (B, J))``; ``kv_keys`` is the pair (kv segment ids, key mask), each ``(B, S)`` or None."""
   batch, kv_heads, padded, _ = k.shape
   num_blocks = padded // config.block
   split = lambda x: jnp.moveaxis(x.reshape(batch, kv_heads, num_blocks, config.block, -1), 2, 0)
   key_idx = jnp.arange(padded, dtype=jnp.int32).reshape(num_blocks, config.block)
-  seg = None if kv_seg is None else jnp.moveaxis(kv_seg.reshape(batch, num_blocks, config.block), 1, 0)
-  return split(k), split(v), key_idx, seg
+  per_block = lambda x: None if x is None else jnp.moveaxis(x.reshape(batch, num_blocks, config.block), 1, 0)
+  return (split(k), split(v), key_idx, *map(per_block, kv_keys))
 
 
 def _scores(config: _Config, q, c, pos, q_seg, block):
   """``(raw q.k, s = c * raw, visible (B, 1, R, J))`` for one key block."""
-  k_j, _, key_idx, kv_seg_j = block
+  k_j, _, key_idx, kv_seg_j, key_ok_j = block
   raw = _dot("bkrd,bkjd->bkrj", q, k_j)
-  vis = masking.visible(pos, key_idx, q_seg, kv_seg_j, causal=config.causal, window=config.window,
+  vis = masking.visible(pos, key_idx, q_seg, kv_seg_j, key_ok_j, causal=config.causal, window=config.window,
                         num_keys=config.num_keys)[:, None]
   return raw, raw * c[..., None], vis
 
 
-def _forward(config: _Config, q, k, v, c, pos, q_seg, kv_seg):
+def _forward(config: _Config, q, k, v, c, pos, q_seg, kv_keys):
   """Returns ``o`` (B, KV, R, Dv) float32 and the row statistics ``m`` (shift) and ``1 / Z``."""
   norm = config.normalizer
-  blocks = _key_blocks(config, k, v, kv_seg)
+  blocks = _key_blocks(config, k, v, kv_keys)
   rows = q.shape[:3]
   acc0 = jnp.zeros(rows + (v.shape[-1],), jnp.float32)
 
@@ -127,19 +129,19 @@ def _forward(config: _Config, q, k, v, c, pos, q_seg, kv_seg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(config: _Config, q, k, v, c, pos, q_seg, kv_seg):
-  return _forward(config, q, k, v, c, pos, q_seg, kv_seg)[0]
+def _blockwise(config: _Config, q, k, v, c, pos, q_seg, kv_keys):
+  return _forward(config, q, k, v, c, pos, q_seg, kv_keys)[0]
 
 
-def _blockwise_fwd(config, q, k, v, c, pos, q_seg, kv_seg):
-  o, m, inv_z = _forward(config, q, k, v, c, pos, q_seg, kv_seg)
-  return o, (q, k, v, c, pos, q_seg, kv_seg, o, m, inv_z)
+def _blockwise_fwd(config, q, k, v, c, pos, q_seg, kv_keys):
+  o, m, inv_z = _forward(config, q, k, v, c, pos, q_seg, kv_keys)
+  return o, (q, k, v, c, pos, q_seg, kv_keys, o, m, inv_z)
 
 
 def _blockwise_bwd(config, residuals, do):
-  q, k, v, c, pos, q_seg, kv_seg, o, m, inv_z = residuals
+  q, k, v, c, pos, q_seg, kv_keys, o, m, inv_z = residuals
   norm = config.normalizer
-  blocks = _key_blocks(config, k, v, kv_seg)
+  blocks = _key_blocks(config, k, v, kv_keys)
 
   def recompute(block):
     """Per block: raw scores, visibility, P, g', h' (or None), phi'(p) (or None), dP."""
@@ -178,7 +180,7 @@ def _blockwise_bwd(config, residuals, do):
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(c.shape, jnp.float32))
   (dq, dc), (dk, dv) = jax.lax.scan(grad_body, init, blocks)
   merge = lambda x, like: jnp.moveaxis(x, 0, 2).reshape(like.shape).astype(like.dtype)
-  return dq.astype(q.dtype), merge(dk, k), merge(dv, v), dc, None, None, None
+  return dq.astype(q.dtype), merge(dk, k), merge(dv, v), dc, None, None, (None, None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -87,6 +87,26 @@ def test_masks(name, mask):
   _assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("implementation, name", [("xla", "ssmax"), ("xla", "softpick"), ("reference", "softmax")])
+def test_key_mask_equals_dropping_the_keys(implementation, name):
+  """Masked keys (different ones per batch row) change nothing: the output and dq equal attention over the
+  kept keys alone, dk/dv of the kept keys match and those of masked keys are 0. Batch row 1 masks every
+  key: its output is 0 and all its gradients are finite (0)."""
+  q, k, v, do = _inputs(keys=11)
+  key_mask = jnp.array([[True, True, False, True, True, False, True, True, True, False, True], [False] * 11])
+  got_o, (dq, dk, dv) = _forward_and_grads(implementation, q, k, v, do, normalizer=name, causal=False,
+                                          key_mask=key_mask)
+  kept = np.flatnonzero(key_mask[0])
+  want_o, (want_dq, want_dk, want_dv) = _forward_and_grads(implementation, q[:1], k[:1, kept], v[:1, kept],
+                                                           do[:1], normalizer=name, causal=False)
+  _assert_close((got_o[:1], dq[:1], dk[:1, kept], dv[:1, kept]), (want_o, want_dq, want_dk, want_dv), 1e-5)
+  np.testing.assert_array_equal(dk[0, ~key_mask[0]], 0.0)
+  np.testing.assert_array_equal(dv[0, ~key_mask[0]], 0.0)
+  np.testing.assert_array_equal(got_o[1], 0.0)
+  for grad in (dq[1], dk[1], dv[1]):
+    np.testing.assert_array_equal(grad, 0.0)
+
+
 def _attend(q, k, v, **kwargs):
   return jax.jit(lambda q, k, v: pallas_kernels.attention(q, k, v, **kwargs))(q, k, v)
 
@@ -189,6 +209,9 @@ def _bad(**changes):
     (_bad(scale=np.float32(-2.0)), r"scale: got .*-2.0\)?; allowed"),
     (_bad(gate=jnp.ones((2, 6, 4, 2))), r"gate: got shape \(2, 6, 4, 2\); allowed: \(2, 6, 4, 3\) or \(2, 6, 4, 1\)"),
     (_bad(gate=jnp.ones((2, 6, 4, 3), jnp.int32)), r"gate: expected a floating dtype"),
+    (_bad(key_mask=jnp.ones((2, 10), bool)), r"key_mask: got an array bool\(2, 10\); allowed: a \(2, 11\) bool"),
+    (_bad(key_mask=jnp.ones((2, 11), jnp.int32)), r"key_mask: got an array int32\(2, 11\)"),
+    (_bad(key_mask=[[True] * 11] * 2), r"key_mask: expected a \(2, 11\) bool array or None, got list"),
     (_bad(query_offset=-1), r"query_offset: got -1; allowed: None, an int >= 0"),
     (_bad(query_offset=1.5), r"query_offset: got 1.5"),
     (_bad(query_offset=jnp.zeros((3,), jnp.int32)), r"query_offset: got an array int32\(3,\)"),

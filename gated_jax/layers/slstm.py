@@ -30,7 +30,7 @@ from pallas_kernels import SLSTMState, _checks
 from pallas_kernels.slstm import FORGET_GATES
 from gated_jax.layers.conv import ShortConv
 from gated_jax.layers.linear_base import cache_mode, check_implementation
-from gated_jax.layers.registry import MIXERS
+from gated_jax.layers.registry import MIXERS, check_mixer_input
 
 FORGET_BIAS_INITS = ("powerlaw_blockdependent", "linspace")
 
@@ -113,12 +113,7 @@ class SLSTM(nn.Module):
                positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
     """``x_BTD`` -> ``y_BTD`` (dtype of ``x``); see the module docstring for ``decode``."""
     del positions
-    _checks.check_array("x_BTD", x_BTD, rank=3, layout="(batch, seq, d_model)")
-    if x_BTD.shape[-1] != self.d_model:
-      raise ValueError(f"x_BTD: got last dim {x_BTD.shape[-1]}; allowed: d_model={self.d_model}")
-    if segment_ids is not None:
-      _checks.check_array("segment_ids", segment_ids, rank=2, layout="(batch, seq)", floating=False)
-      _checks.check_shape("segment_ids", segment_ids, x_BTD.shape[:2], "(batch, seq)")
+    check_mixer_input(x_BTD, self.d_model, segment_ids)
     mode = cache_mode(self, decode)
     batch, seq, _ = x_BTD.shape
     heads, dim = self.num_heads, self.head_dim

@@ -11,7 +11,6 @@ with ``mixer_kwargs[i % len(mixer)]`` (ConViT: GPSA blocks then plain attention,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -20,29 +19,8 @@ import jax.numpy as jnp
 
 from gated_jax.layers import MLPS
 from gated_jax.layers.vision import VISION_MIXERS
+from gated_jax.models.lm import layer_kwargs, layer_names
 from pallas_kernels import _checks
-
-
-def _names(mixer: str | Sequence[str]) -> tuple[str, ...]:
-  names = (mixer,) if isinstance(mixer, str) else tuple(mixer)
-  if not names or not all(isinstance(n, str) for n in names):
-    raise ValueError(f"mixer: got {mixer!r}; allowed: a name or a non-empty tuple of names from "
-                     f"{', '.join(VISION_MIXERS.names())}")
-  for name in names:
-    VISION_MIXERS.get(name)
-  return names
-
-
-def _kwargs(mixer_kwargs: Any, count: int) -> tuple[dict[str, Any], ...]:
-  if mixer_kwargs is None:
-    return ({},) * count
-  if isinstance(mixer_kwargs, Mapping):
-    return (dict(mixer_kwargs),) * count
-  kwargs = tuple(mixer_kwargs)
-  if len(kwargs) != count or not all(isinstance(k, Mapping) for k in kwargs):
-    raise ValueError(f"mixer_kwargs: got {mixer_kwargs!r}; allowed: one dict, or a tuple of {count} dicts "
-                     "parallel to mixer")
-  return tuple(dict(k) for k in kwargs)
 
 
 class VisionClassifier(nn.Module):
@@ -87,8 +65,8 @@ class VisionClassifier(nn.Module):
     if len(size) != 2 or any(not isinstance(s, int) or s % self.patch_size for s in size):
       raise ValueError(f"image_size: got {self.image_size!r}; allowed: (height, width) ints divisible by "
                        f"patch_size={self.patch_size}")
-    names = _names(self.mixer)
-    kwargs = _kwargs(self.mixer_kwargs, len(names))
+    names = layer_names(self.mixer, VISION_MIXERS)
+    kwargs = layer_kwargs(self.mixer_kwargs, len(names))
     specs = []
     for i in range(self.num_layers):
       name, own = names[i % len(names)], kwargs[i % len(names)]

@@ -154,18 +154,18 @@ def _numpy_window_attention(q, k, v, grid, window, shift, log_gamma, normalizer,
       w = _sigmoid(s + slopes[:, None, None] * distance) * np.exp(log_gamma[:, None, None] * distance) * visible
     return np.einsum("bhij,bjhk->bihk", w, v_line)
 
-  rows_out = np.zeros(v.shape)
-  for r0 in range(0, grid[0], window):
-    for c0 in range(0, grid[1], window):
-      cs = slice(c0, c0 + window)
-      for r in range(r0, r0 + window):
-        rows_out[:, r, cs] = one_pass(q[:, r, cs], k[:, r, cs], v[:, r, cs], region[r, cs])
-  out = np.zeros(v.shape)
-  for r0 in range(0, grid[0], window):
-    for c0 in range(0, grid[1], window):
-      rs = slice(r0, r0 + window)
-      for c in range(c0, c0 + window):
-        out[:, rs, c] = one_pass(q[:, rs, c], k[:, rs, c], rows_out[:, rs, c], region[rs, c])
+  def every_row(q, k, v, region):  # one pass along each row of each window
+    out = np.zeros(v.shape)
+    for r0 in range(0, region.shape[0], window):
+      for c0 in range(0, region.shape[1], window):
+        cs = slice(c0, c0 + window)
+        for r in range(r0, r0 + window):
+          out[:, r, cs] = one_pass(q[:, r, cs], k[:, r, cs], v[:, r, cs], region[r, cs])
+    return out
+
+  rows_out = every_row(q, k, v, region)
+  t = lambda a: np.swapaxes(a, 1, 2)  # columns as rows
+  out = t(every_row(t(q), t(k), t(rows_out), region.T))
   return np.roll(out, (shift, shift), (1, 2)).reshape(batch, -1, heads, v.shape[-1])
 
 

@@ -29,10 +29,12 @@ def test_grid_and_configs():
 
 def test_claim_judges():
   solved = {(t, "slstm"): 1.0 for t in st.TASKS} | {("parity", "gated_deltanet_negeig"): 0.95,
-                                                    ("mod5", "gated_deltanet_negeig"): 0.6}
+                                                    ("mod5", "gated_deltanet_negeig"): 0.6,
+                                                    ("parity", "gla+srope"): 0.7, ("mod5", "gla+srope"): 0.55}
   means = _means(solved)
   assert st._xlstm_claim(means) and st._negeig_parity(means) and st._negeig_mod5(means)
-  assert st._attention_claim(means)
+  assert st._attention_claim(means) and st._selective_rope_claim(means)
+  assert not st._selective_rope_claim(_means({**solved, ("mod5", "gla+srope"): 0.5}))
   assert not st._xlstm_claim(_means({**solved, ("mod5", "slstm"): 0.8}))
   assert not st._xlstm_claim(_means({**solved, ("parity", "mlstm"): 0.7}))
   assert not st._negeig_parity(_means({**solved, ("parity", "gla"): 0.9}))

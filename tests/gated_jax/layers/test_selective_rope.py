@@ -76,7 +76,7 @@ def _decode_matches_full(mixer, x):
 
 def test_decode_in_a_linear_mixer():
   options = {"rank": 4, "conv_size": 0, "use_bias": True}  # first difference instead of the conv
-  mixer = MIXERS.get("gated_deltanet")(d_model=D, num_heads=H, implementation="reference", selective_rope=options)
+  mixer = MIXERS.get("linear_attention")(d_model=D, num_heads=H, implementation="reference", selective_rope=options)
   _decode_matches_full(mixer, jax.random.normal(jax.random.key(0), (B, 6, D)))
 
 

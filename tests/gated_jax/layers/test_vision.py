@@ -27,7 +27,7 @@ def _setup(name, grid, seed=0, **kwargs):
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
   params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  y = jax.jit(mixer.apply)({"params": params}, x)
+  y = mixer.apply({"params": params}, x)
   return jax.tree.map(lambda a: np.asarray(a, np.float64), params), np.asarray(x, np.float64), y
 
 
@@ -55,6 +55,7 @@ def _attend(q, k, v):
   return np.einsum("bhij,bjhk->bihk", _softmax(s), v)
 
 
+@pytest.mark.slow  # the same computation is GPSA's content term (test_gpsa_mixes_content_and_position)
 def test_vit_attention():
   p, x, y = _setup("vit", (3, 2))
   want = _out(p, _attend(*(_heads(p, x, n) for n in ("query", "key", "value"))))

@@ -24,6 +24,5 @@ from pallas_kernels.slstm import SLSTMState, slstm
 
 __all__ = [
     "KNOWN_IMPLEMENTATIONS", "FallbackWarning", "attention", "current_backend", "delta_rule", "interpret", "interpret_mode",
-    "linear_attention", "use",
-    "SLSTMState", "biased_attention", "slstm",
+    "linear_attention", "use", "SLSTMState", "biased_attention", "slstm",
 ]

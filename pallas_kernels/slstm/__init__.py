@@ -19,7 +19,8 @@ applies to the first segment), so packed sequences give the same result as alone
 
 Implementations: ``reference`` (a ``lax.scan`` of the step above, autodiff) and ``xla`` (the same forward scan,
 time-major and unrolled, under a ``custom_vjp`` whose backward is a hand-derived reverse scan that leaves the
-``R`` gradient to one contraction over all steps). There is no Pallas kernel (``docs/vision_and_state_tracking.md`` says why).
+``R`` gradient to one contraction over all steps). There is no Pallas kernel
+(``docs/vision_and_state_tracking.md`` says why).
 """
 
 from __future__ import annotations

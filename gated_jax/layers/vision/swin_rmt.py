@@ -37,7 +37,7 @@ import numpy as np
 import pallas_kernels
 from gated_jax.layers.linear_base import check_flag
 from gated_jax.layers.norms import HeadRMSNorm
-from gated_jax.layers.vision.common import VISION_MIXERS, VisionMixer, depthwise_conv2d
+from gated_jax.layers.vision.common import VISION_MIXERS, DepthwiseConv2D, VisionMixer
 from pallas_kernels import _checks
 
 NORMALIZERS = ("softmax", "sigmoid")
@@ -173,7 +173,7 @@ class SwinRMT(VisionMixer):
     out = transpose(self._attend_rows(transpose(qw), transpose(kw), transpose(rows_out), same_t, bias, weight))
     o = jnp.roll(_from_windows(out, batch, self.grid), (shift, shift), (1, 2)).reshape(q.shape)
     if self.lce_size:
-      lce = depthwise_conv2d(v.reshape(x.shape), self.grid, self.lce_size, "lce", self.dtype)
+      lce = DepthwiseConv2D(self.grid, self.lce_size, self.dtype, name="lce")(v.reshape(x.shape))
       o = o + lce.reshape(o.shape)
     if self.output_norm:
       o = HeadRMSNorm(dtype=self.dtype, name="o_norm")(o)

@@ -24,7 +24,7 @@ import jax
 from gated_jax.layers.linear_base import check_flag
 from gated_jax.layers.linear_gla import GLA
 from gated_jax.layers.norms import HeadRMSNorm
-from gated_jax.layers.vision.common import VISION_MIXERS, VisionMixer, depthwise_conv2d
+from gated_jax.layers.vision.common import VISION_MIXERS, DepthwiseConv2D, VisionMixer
 
 
 class _LocallyGatedGLA(GLA):
@@ -66,7 +66,7 @@ class ViG(VisionMixer):
   def __call__(self, x_BND: jax.Array) -> jax.Array:
     x = self.check_input(x_BND)
     if self.conv_size:
-      x = nn.silu(depthwise_conv2d(x, self.grid, self.conv_size, "conv", self.dtype))
+      x = nn.silu(DepthwiseConv2D(self.grid, self.conv_size, self.dtype, name="conv")(x))
     gla = _LocallyGatedGLA(d_model=self.d_model, num_heads=self.num_heads, expand_k=self.expand_k, expand_v=1.0,
                            bidirectional=True, locality_gate=self.locality_gate, implementation=self.implementation,
                            dtype=self.dtype, name="gla")

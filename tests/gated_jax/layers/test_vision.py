@@ -98,15 +98,16 @@ def _rms(o, scale, eps=1e-6):
 
 
 def _depthwise(x_BND, grid, kernel):
-  """Zero-padded depthwise conv, ``kernel`` ``(k, k, 1, D)``, computed tap by tap."""
-  size = kernel.shape[0]
+  """Zero-padded depthwise (cross-correlation) conv, ``kernel`` ``(k, k, D)``, one output pixel at a time."""
+  size, half = kernel.shape[0], kernel.shape[0] // 2
   x = x_BND.reshape(x_BND.shape[0], *grid, -1)
-  pad = size // 2
-  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   out = np.zeros_like(x)
-  for i in range(size):
-    for j in range(size):
-      out += padded[:, i:i + grid[0], j:j + grid[1]] * kernel[i, j, 0]
+  for r in range(grid[0]):
+    for c in range(grid[1]):
+      for i in range(size):
+        for j in range(size):
+          if 0 <= r + i - half < grid[0] and 0 <= c + j - half < grid[1]:
+            out[:, r, c] += kernel[i, j] * x[:, r + i - half, c + j - half]
   return out.reshape(x_BND.shape)
 
 

@@ -51,6 +51,7 @@ import pallas_kernels
 from gated_jax.layers import gates, positional
 from gated_jax.layers.norms import HeadRMSNorm
 from gated_jax.layers.registry import MIXERS
+from gated_jax.layers.selective_rope import SelectiveRoPE, check_selective_rope
 from pallas_kernels.attention import normalizers
 
 ATTENTION_WEIGHTS = "attention_weights"  # opt-in collection: apply(..., mutable=[ATTENTION_WEIGHTS])
@@ -88,6 +89,8 @@ class GatedAttention(nn.Module):
     rope: rotary position embedding on q and k.
     rope_base: RoPE base.
     rope_fraction: fraction of each head's channels that rotate (partial rotary).
+    selective_rope: None, or the options of ``selective_rope.SelectiveRoPE`` (``{}``: its defaults): rotate q
+      and k by input-dependent angles instead of RoPE (arXiv 2511.17388; needs ``rope=False`` and no GQA).
     normalizer: score normalizer name from ``pallas_kernels.attention.normalizers.NORMALIZERS``.
     window: sliding window (keys with ``pos_q - pos_k < window``); None: global.
     max_len: longest training/decode length (sigmoid bias, SSMax init).
@@ -111,6 +114,7 @@ class GatedAttention(nn.Module):
   rope: bool = True
   rope_base: float = 10000.0
   rope_fraction: float = 1.0
+  selective_rope: Any = None
   normalizer: str = "softmax"
   window: int | None = None
   max_len: int = 2048
@@ -144,6 +148,10 @@ class GatedAttention(nn.Module):
     if self.rope:
       positional.rotary_dim(self.dim, self.rope_fraction)
       positional.inverse_frequencies(2, self.rope_base)
+    check_selective_rope(self.selective_rope)
+    if self.selective_rope is not None and (self.rope or self.kv_heads != self.num_heads):
+      raise ValueError(f"selective_rope: got {self.selective_rope!r} with rope={self.rope}, num_kv_heads="
+                       f"{self.kv_heads}; allowed: rope=False and num_kv_heads == num_heads={self.num_heads}")
     if not isinstance(self.normalizer, str) or self.normalizer not in normalizers.NORMALIZERS:
       raise ValueError(f"normalizer: got {self.normalizer!r}; allowed: "
                        f"{', '.join(map(repr, normalizers.NORMALIZERS))}")
@@ -249,6 +257,10 @@ class GatedAttention(nn.Module):
     if self.rope:
       q_BTHK = positional.apply_rope(q_BTHK, positions, base=self.rope_base, fraction=self.rope_fraction)
       k_BTNK = positional.apply_rope(k_BTNK, positions, base=self.rope_base, fraction=self.rope_fraction)
+    if self.selective_rope is not None:
+      mode = "off" if not decode else "init" if cache is None else "step"
+      q_BTHK, k_BTNK = SelectiveRoPE(heads, dim, dtype=self.dtype, name="selective_rope", **self.selective_rope)(
+          q_BTHK, k_BTNK, x_BTD, segment_ids=segment_ids, mode=mode)
     if cache is not None:
       k_BTNK, v_BTNK = self._append(cache, k_BTNK, v_BTNK)
 

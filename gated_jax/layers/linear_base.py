@@ -33,6 +33,8 @@ from pallas_kernels import _checks
 from gated_jax.layers.conv import ShortConv
 from gated_jax.layers.feature_maps import QK_NORMS, get_feature_map
 from gated_jax.layers.norms import HeadRMSNorm, RMSNorm
+from gated_jax.layers.registry import check_mixer_input
+from gated_jax.layers.selective_rope import SelectiveRoPE, check_selective_rope
 
 OUTPUT_GATES = ("swish", "sigmoid", "none")
 NORM_SCOPES = ("head", "all_heads")
@@ -142,6 +144,8 @@ class LinearMixer(nn.Module):
       LeCun-normal projections and PyTorch-default ``U(-1/sqrt(K), 1/sqrt(K))`` conv kernels.
     implementation: passed to every ``pallas_kernels`` op call (None: auto; e.g. "reference", "xla").
     chunk_size: chunk length of the chunked op implementations (None: the op's default).
+    selective_rope: None, or the options of ``selective_rope.SelectiveRoPE`` (``{}``: its defaults) to rotate
+      q and k by input-dependent angles (Selective RoPE, arXiv 2511.17388).
     dtype: compute dtype (parameters are float32; states and gates are float32).
   """
   supports_kv_heads: ClassVar[bool] = True  # False where keys/values cannot be shared by query heads
@@ -163,6 +167,7 @@ class LinearMixer(nn.Module):
   init_std: float | None = FLA_INIT_STD
   implementation: Any = None
   chunk_size: int | None = None
+  selective_rope: Any = None
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -192,6 +197,10 @@ class LinearMixer(nn.Module):
     _checks.check_choice("output_gate", self.output_gate, OUTPUT_GATES)
     _checks.check_choice("norm_scope", self.norm_scope, NORM_SCOPES)
     check_implementation(self.implementation)
+    check_selective_rope(self.selective_rope)
+    if self.selective_rope is not None and self.kv_heads != self.num_heads:
+      raise ValueError(f"num_kv_heads: got {self.num_kv_heads}; allowed: None or num_heads={self.num_heads} with "
+                       "selective_rope (its angles are per query head)")
     super().__post_init__()
 
   @property
@@ -226,18 +235,16 @@ class LinearMixer(nn.Module):
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
     """``x_BTD`` -> ``y_BTD`` (dtype of ``x``); see the module docstring for ``decode``."""
-    _checks.check_array("x_BTD", x_BTD, rank=3, layout="(batch, seq, d_model)")
-    if x_BTD.shape[-1] != self.d_model:
-      raise ValueError(f"x_BTD: got last dim {x_BTD.shape[-1]}; allowed: d_model={self.d_model}")
-    if segment_ids is not None:
-      _checks.check_array("segment_ids", segment_ids, rank=2, layout="(batch, seq)", floating=False)
-      _checks.check_shape("segment_ids", segment_ids, x_BTD.shape[:2], "(batch, seq)")
+    check_mixer_input(x_BTD, self.d_model, segment_ids)
     if decode and not self.causal:
       raise ValueError(f"decode: got True; {type(self).__name__} is non-causal and has no decode path")
     mode = cache_mode(self, decode)
     x = nn.with_logical_constraint(x_BTD.astype(self.dtype), ("batch", "length", "embed"))
     log_decay = self._log_decay(x)
     q, k, v = self._qkv(x, log_decay, segment_ids, mode)
+    if self.selective_rope is not None:
+      q, k = SelectiveRoPE(q.shape[2], q.shape[3], dtype=self.dtype, name="selective_rope",
+                           **self.selective_rope)(q, k, x, segment_ids=segment_ids, mode=mode)
     o_BTHV = self._mix(q, k, v, log_decay, x, segment_ids, mode, positions)
     y_BTD = self._output(o_BTHV, x).astype(x_BTD.dtype)
     if mode != "off":

@@ -16,7 +16,9 @@ called as ``mlp(x_BTD) -> y_BTD``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from pallas_kernels import _checks
 
 T = TypeVar("T")
 
@@ -50,3 +52,14 @@ class Registry:
 
 MIXERS = Registry("mixer")
 MLPS = Registry("mlp")
+
+
+def check_mixer_input(x_BTD: Any, d_model: int, segment_ids: Any = None) -> None:
+  """ValueError unless ``x_BTD`` is a floating ``(batch, seq, d_model)`` array and ``segment_ids`` None or an
+  integer ``(batch, seq)`` array (the call contract above)."""
+  _checks.check_array("x_BTD", x_BTD, rank=3, layout="(batch, seq, d_model)")
+  if x_BTD.shape[-1] != d_model:
+    raise ValueError(f"x_BTD: got last dim {x_BTD.shape[-1]}; allowed: d_model={d_model}")
+  if segment_ids is not None:
+    _checks.check_array("segment_ids", segment_ids, rank=2, layout="(batch, seq)", floating=False)
+    _checks.check_shape("segment_ids", segment_ids, x_BTD.shape[:2], "(batch, seq)")

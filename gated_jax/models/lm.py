@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from gated_jax.layers import MIXERS, MLPS
+from gated_jax.layers import MIXERS, MLPS, Registry
 from gated_jax.layers.norms import RMSNorm
 from gated_jax.layers.residual_gates import DECODE_RULES, GateSkipSpec, ResidualGate, SkipMiddleRouter, SkipMiddleSpec
 from gated_jax.models import diagnostics
@@ -42,17 +42,19 @@ def _declared_fields(cls: type) -> frozenset[str]:
   return frozenset(f.name for f in dataclasses.fields(cls))
 
 
-def _as_names(mixer: str | Sequence[str]) -> tuple[str, ...]:
+def layer_names(mixer: str | Sequence[str], registry: Registry = MIXERS) -> tuple[str, ...]:
+  """``mixer`` (a ``registry`` name or a non-empty sequence of names) as a tuple of known names."""
   names = (mixer,) if isinstance(mixer, str) else tuple(mixer)
   if not names or not all(isinstance(n, str) for n in names):
     raise ValueError(f"mixer: got {mixer!r}; allowed: a mixer name or a non-empty tuple of names from "
-                     f"{', '.join(MIXERS.names())}")
+                     f"{', '.join(registry.names())}")
   for name in names:
-    MIXERS.get(name)
+    registry.get(name)
   return names
 
 
-def _as_kwargs(mixer_kwargs: Any, count: int) -> tuple[dict[str, Any], ...]:
+def layer_kwargs(mixer_kwargs: Any, count: int) -> tuple[dict[str, Any], ...]:
+  """``mixer_kwargs`` (None, one mapping, or ``count`` mappings parallel to the names) as ``count`` dicts."""
   if mixer_kwargs is None:
     return ({},) * count
   if isinstance(mixer_kwargs, Mapping):
@@ -217,8 +219,8 @@ class DecoderLM(nn.Module):
     """Validated ``(mixer name, complete mixer kwargs)`` of every layer (ValueError on bad fields)."""
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_len"):
       _check_positive_int(name, getattr(self, name))
-    names = _as_names(self.mixer)
-    kwargs = _as_kwargs(self.mixer_kwargs, len(names))
+    names = layer_names(self.mixer)
+    kwargs = layer_kwargs(self.mixer_kwargs, len(names))
     if self.mlp != "none":
       MLPS.get(self.mlp)
     shared = {k: getattr(self, k) for k in _SHARED_MIXER_FIELDS} | {"dtype": jnp.dtype(self.dtype)}

@@ -60,7 +60,9 @@ def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool
     v: ``(B, S, KV, Dv)`` values.
     normalizer: a name from :data:`.normalizers.NORMALIZERS` (defaults) or an instance, e.g.
       ``SSMax(s=s_H)``, ``Selective(temperature=t_BTH)``, ``Sigmoid(bias=None)``, ``ClippedSoftmax(...)``.
-      ``"sparsemax"``/``"entmax15"`` exist only in ``implementation="reference"``.
+      ``"sparsemax"``/``"entmax15"``/``"entmax"``/``"sinkhorn"`` and ``LSSA(reweight=True)`` exist only in
+      ``implementation="reference"``; ``"sinkhorn"`` needs ``causal=False``; ``"lssa"`` expects l2-normalised
+      ``q``, ``k`` and ``scale=1.0``.
     causal: key ``j`` is visible from query ``i`` only if ``j <= query_offset + i``.
     window: positive int: also ``pos_i - j < window`` (``|pos_i - j| < window`` when not causal).
     segment_ids: ``(B, T)`` int when ``T == S``, or a pair ``(q_segment_ids (B, T), kv_segment_ids (B, S))``:
@@ -83,6 +85,9 @@ def attention(q, k, v, *, normalizer: str | Normalizer = "softmax", causal: bool
   norm.validate(batch=batch, seq=seq, heads=heads)
   if not isinstance(causal, bool):
     raise ValueError(f"causal: got {causal!r}; allowed: True or False")
+  if causal and norm.mixes_queries:
+    raise ValueError(f"causal: got True with normalizer {norm.name!r}, whose column sums mix the queries (a "
+                     "query would see later ones); allowed: causal=False")
   _checks.check_positive_int("window", window)
   mask = masking.Mask(query_offset=_query_offset(query_offset, batch, seq, num_keys),
                       **_segment_ids(segment_ids, batch, seq, num_keys),

@@ -99,8 +99,9 @@ def attention(backend: Backend, q, k, v, *, normalizer: Normalizer, mask: maskin
   if not normalizer.kernel_supported:
     supported = ", ".join(name for name, cls in NORMALIZERS.items() if cls.kernel_supported)
     raise NotImplementedError(
-        f"{backend.name}: normalizer {normalizer.name!r} needs more than one pass over the keys (a sort, or the "
-        f"final Z before its transform) and runs on \"xla\" / \"reference\"; the kernels take {supported}")
+        f"{backend.name}: normalizer {normalizer.name!r} needs more than one pass over the keys (a sort or "
+        f"bisection, a row statistic such as the entropy or the final Z, or column sums) and runs on \"xla\" / "
+        f"\"reference\"; the kernels take {supported}")
   batch, seq, heads, dim = q.shape
   num_keys, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   blocks = (block_sizes or BlockSizes()).resolve(backend.default_blocks(dim), seq, num_keys, fit=backend.fit)

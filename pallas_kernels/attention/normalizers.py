@@ -20,6 +20,7 @@ autodiff; :meth:`Normalizer.resolve` then gives the static (hashable) normalizer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -42,6 +43,8 @@ class Normalizer:
   needs_counts: ClassVar[bool] = False  # row_scale uses n_i, the number of visible keys per row
   has_offset: ClassVar[bool] = False  # offset() is not 0
   kernel_supported: ClassVar[bool] = True  # the Pallas kernels take it (one pass, phi the identity)
+  mixes_queries: ClassVar[bool] = False  # a query's weights depend on the other queries (non-causal only)
+  entropy_temperature: ClassVar[bool] = False  # softmax on beta(H_i) * logits (two passes; AdaptiveTemperature)
 
   def validate(self, *, batch: int, seq: int, heads: int) -> None:
     """Checks array parameters against the call's shapes (ValueError naming the field)."""
@@ -384,9 +387,265 @@ class Entmax15(_SortBased):
     return _entmax15(x)
 
 
+# Second family (arXiv 2501.13428, 2410.01104, 1909.00015, 2110.11773): see docs/attention_normalizers.md.
+
+
+def _visible_counts(vis: jax.Array) -> jax.Array:
+  """``n_i``, the number of visible keys of each row of a materialised mask, ``(..., T, 1)`` float32."""
+  return jnp.sum(vis, -1, keepdims=True, dtype=jnp.float32)
+
+
+def _softplus(x):
+  """softplus(x) = max(x, 0) + log1p(e^{-|x|}) (elementwise ops that lower through Mosaic and Triton)."""
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@_pytree
+class LSSA(Normalizer):
+  """Length-scaled softplus attention (Gao, Spratling & Gionfrida, arXiv 2501.13428 §3):
+
+      A_ij = softplus(log(d) log(n_i) s_ij) / sum_k softplus(log(d) log(n_i) s_ik)
+
+  over the n_i visible keys, with ``s_ij = q̂_i · k̂_j`` the cosine of l2-normalised queries and keys: pass
+  normalised q, k and ``scale=1.0`` (the layer does). The ``log n_i`` factor keeps the entropy roughly invariant
+  to the length; ``log d`` uses ``head_dim`` (d = 64 in the paper). Bounded logits: no running max.
+
+  ``reweight=True`` is LSSAR, the paper's re-weighting, ``A'_ij ∝ relu(n_i A_ij - o_i)^p`` renormalised per row,
+  with ``o_i = 1`` (weights below uniform become 0, the rest are sharpened; p → ∞ tends to argmax) and ``o_i = 0``
+  on rows with ``n_i <= 3`` (the paper's first three causal rows; here defined by the count, so it also holds for
+  non-causal and offset calls). It can be switched on at inference on an LSSA model. The power is applied in the
+  log domain (``(n A - 1)^15`` overflows float32 past n ≈ 400); a row with no weight above uniform keeps ``A``.
+  LSSAR needs the final ``A`` before a second normalisation, so it is reference-only.
+  """
+  name: ClassVar[str] = "lssa"
+  needs_counts: ClassVar[bool] = True
+  head_dim: int = dataclasses.field(default=64, metadata=_STATIC)
+  reweight: bool = dataclasses.field(default=False, metadata=_STATIC)
+  power: float = dataclasses.field(default=15.0, metadata=_STATIC)
+
+  def __post_init__(self):
+    if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 2:
+      raise ValueError(f"LSSA.head_dim: got {self.head_dim!r}; allowed: an int >= 2 (log d > 0)")
+    if not isinstance(self.reweight, bool):
+      raise ValueError(f"LSSA.reweight: got {self.reweight!r}; allowed: True (LSSAR) or False")
+    _check_number("LSSA", "power", self.power, lambda x: x >= 1, "a float >= 1")
+
+  @property
+  def blockwise(self) -> bool:  # type: ignore[override]
+    return not self.reweight
+
+  @property
+  def kernel_supported(self) -> bool:  # type: ignore[override]
+    return not self.reweight
+
+  def row_scale(self, counts_BT, heads):
+    return math.log(self.head_dim) * _log_counts(counts_BT)
+
+  def numerator(self, s, m):
+    return _softplus(s)
+
+  def weights(self, s, vis):
+    a = super().weights(s, vis)
+    if not self.reweight:
+      return a
+    vis = jnp.broadcast_to(vis, s.shape)
+    n = _visible_counts(vis)
+    x = n * a - jnp.where(n > 3, 1.0, 0.0)
+    keep = vis & (x > 0)
+    log_r = jnp.where(keep, self.power * jnp.log(jnp.where(keep, x, 1.0)), -jnp.inf)
+    top = jnp.max(log_r, -1, keepdims=True)
+    r = jnp.where(keep, jnp.exp(log_r - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    total = r.sum(-1, keepdims=True)
+    return jnp.where(total > 0, r / jnp.where(total > 0, total, 1.0), a)
+
+
+ADAPTIVE_POLYNOMIAL = (-0.037, 0.481, -2.3, 4.917, -1.791)  # arXiv 2410.01104 Fig. 4, highest power first
+
+
+@_pytree
+class AdaptiveTemperature(Normalizer):
+  """Adaptive temperature (Veličković et al., "softmax is not enough", arXiv 2410.01104 §5 and Fig. 4):
+  ``softmax(beta_i s_i)`` with the inverse temperature ``beta_i`` from the entropy ``H_i`` of ``softmax(s_i)``:
+  ``beta = max(1, P(H))`` where ``H > threshold`` (0.5), else 1, ``P`` the paper's degree-4 fit of the
+  sharpness-restoring inverse temperature against the entropy. No gradient flows through ``beta`` (the paper
+  computes it under stop_gradient). Two passes: the ``xla`` path gets ``H = lse - sum_j p_j s_j`` from a first
+  softmax pass whose values are the keys (``sum_j p_j s_j = q · sum_j p_j k_j``), then runs softmax on
+  ``beta q``; the reference uses the paper's ``-sum p log(p + 1e-9)`` (the two differ by < n·1e-9).
+  """
+  name: ClassVar[str] = "adaptive_temperature"
+  uses_max: ClassVar[bool] = True
+  entropy_temperature: ClassVar[bool] = True
+  kernel_supported: ClassVar[bool] = False  # beta needs a first pass over the whole row
+  threshold: float = dataclasses.field(default=0.5, metadata=_STATIC)
+  coefficients: tuple[float, ...] = dataclasses.field(default=ADAPTIVE_POLYNOMIAL, metadata=_STATIC)
+
+  def __post_init__(self):
+    _check_number("AdaptiveTemperature", "threshold", self.threshold, lambda x: x >= 0, "a float >= 0")
+    if not isinstance(self.coefficients, tuple) or not self.coefficients or not all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in self.coefficients):
+      raise ValueError(f"AdaptiveTemperature.coefficients: got {self.coefficients!r}; allowed: a non-empty tuple "
+                       "of finite floats, highest power first")
+
+  def numerator(self, s, m):
+    return jnp.exp(s - m)
+
+  def inverse_temperature(self, entropy: jax.Array) -> jax.Array:
+    """``beta`` from the row entropy (nats), without gradient."""
+    entropy = jax.lax.stop_gradient(entropy.astype(jnp.float32))
+    beta = jnp.maximum(1.0, jnp.polyval(jnp.asarray(self.coefficients, jnp.float32), entropy))
+    return jnp.where(entropy > self.threshold, beta, 1.0)
+
+  def weights(self, s, vis):
+    p = super().weights(s, vis)
+    entropy = -jnp.sum(p * jnp.log(p + 1e-9), -1, keepdims=True)
+    return super().weights(s * self.inverse_temperature(entropy), vis)
+
+
+def _per_head_rows(value, s: jax.Array) -> jax.Array:
+  """A per-head parameter as ``(H, 1, 1)`` against scores ``(..., H, T, S)`` (a scalar stays a scalar)."""
+  value = jnp.asarray(value, jnp.float32)
+  return value if value.ndim == 0 else value.reshape(-1, 1, 1)
+
+
+def _entmax_threshold(z, alpha, iterations: int):
+  """``tau`` with ``sum_j [z_j - tau]_+^{1/(alpha-1)} = 1`` by bisection on ``[max z - 1, max z - n^{1-alpha}]``
+  (the bracket of arXiv 1909.00015 §3.2 / deep-spin/entmax's root finder), ``z = (alpha - 1) x``."""
+  top = jnp.max(z, -1, keepdims=True)
+  lo, width = top - 1.0, 1.0 - z.shape[-1] ** (1.0 - alpha)
+  power = 1.0 / (alpha - 1.0)
+
+  def halve(_, state):
+    lo, width = state
+    width = width / 2
+    total = jnp.sum(jax.nn.relu(z - (lo + width)) ** power, -1, keepdims=True)
+    return jnp.where(total >= 1.0, lo + width, lo), width
+
+  lo, _ = jax.lax.fori_loop(0, iterations, halve, (lo, jnp.broadcast_to(width, lo.shape)))
+  return lo
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def entmax_bisect(x, alpha, iterations: int = 50):
+  """alpha-entmax over the last axis, ``p_j = [(alpha - 1) x_j - tau]_+^{1/(alpha-1)}`` with ``sum p = 1``
+  (Peters et al. arXiv 1905.05702 eq. 9; Correia et al. arXiv 1909.00015 eq. 4), by bisection; ``alpha > 1``
+  broadcastable to ``x[..., :1]``. Gradients to ``x`` and ``alpha`` (arXiv 1909.00015 §3.3 and App. B)."""
+  z = (alpha - 1.0) * x
+  p = jax.nn.relu(z - _entmax_threshold(z, alpha, iterations)) ** (1.0 / (alpha - 1.0))
+  return p / jnp.sum(p, -1, keepdims=True)
+
+
+def _entmax_fwd(x, alpha, iterations):
+  p = entmax_bisect(x, alpha, iterations)
+  return p, (p, alpha)
+
+
+def _entmax_bwd(iterations, residuals, dp):
+  """``dx = g dp - g (sum g dp / sum g)`` with ``g = p^{2-alpha}`` on the support; ``d alpha`` from the implicit
+  function theorem: ``sum_j dp_j [(p_j - g~_j) / (alpha-1)^2 - (p_j log p_j - g~_j sum_k p_k log p_k) / (alpha-1)]``
+  with ``g~ = g / sum g``."""
+  del iterations
+  p, alpha = residuals
+  alpha_b = jnp.broadcast_to(alpha, p.shape[:-1] + (1,))
+  on = p > 0
+  g = jnp.where(on, jnp.where(on, p, 1.0) ** (2.0 - alpha_b), 0.0)
+  g_norm = g / jnp.sum(g, -1, keepdims=True)
+  dx = g * dp - g_norm * jnp.sum(g * dp, -1, keepdims=True)
+  p_log_p = jnp.where(on, p * jnp.log(jnp.where(on, p, 1.0)), 0.0)
+  d_p_d_alpha = ((p - g_norm) / (alpha_b - 1.0) ** 2
+                 - (p_log_p - g_norm * jnp.sum(p_log_p, -1, keepdims=True)) / (alpha_b - 1.0))
+  d_alpha = jnp.sum(dp * d_p_d_alpha, -1, keepdims=True)
+  alpha_shape = jnp.shape(alpha)
+  d_alpha = jnp.sum(d_alpha, tuple(range(d_alpha.ndim - len(alpha_shape))))  # undo the broadcast of alpha
+  d_alpha = jnp.sum(d_alpha, tuple(i for i, n in enumerate(alpha_shape) if n == 1), keepdims=True)
+  return dx, d_alpha.reshape(alpha_shape).astype(jnp.asarray(alpha).dtype)
+
+
+entmax_bisect.defvjp(_entmax_fwd, _entmax_bwd)
+
+ENTMAX_MIN_ALPHA = 1.01  # the alpha-gradient is singular at 1 (arXiv 1909.00015 App. B)
+
+
+@_pytree
+class Entmax(Normalizer):
+  """alpha-entmax attention with a per-head alpha (Correia, Niculae & Martins, "Adaptively Sparse
+  Transformers", arXiv 1909.00015 §3): alpha = 1 is softmax, 1.5 the 1.5-entmax, 2 sparsemax; exact zeros for
+  alpha > 1. ``alpha``: a float or an ``(H,)`` array, learnable (gradients by the implicit function theorem,
+  :func:`entmax_bisect`); values must be >= 1.01. ``iterations`` bisection halvings (50: float32 exact).
+  The threshold needs the whole row, so it is reference-only (the kernels and ``xla`` refuse it)."""
+  name: ClassVar[str] = "entmax"
+  blockwise: ClassVar[bool] = False
+  kernel_supported: ClassVar[bool] = False
+  alpha: jax.Array | float = 1.5
+  iterations: int = dataclasses.field(default=50, metadata=_STATIC)
+
+  def __post_init__(self):
+    if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+      raise ValueError(f"Entmax.iterations: got {self.iterations!r}; allowed: an int >= 1")
+    if not hasattr(self.alpha, "shape"):
+      _check_number("Entmax", "alpha", self.alpha, lambda x: x >= ENTMAX_MIN_ALPHA, f"a float >= {ENTMAX_MIN_ALPHA}")
+
+  def validate(self, *, batch, seq, heads):
+    _check_per_head("Entmax", "alpha", self.alpha, heads)
+    if hasattr(self.alpha, "shape") and not isinstance(self.alpha, jax.core.Tracer):
+      low = float(jnp.min(self.alpha))
+      if not low >= ENTMAX_MIN_ALPHA:
+        raise ValueError(f"Entmax.alpha: got a minimum of {low}; allowed: values >= {ENTMAX_MIN_ALPHA}")
+
+  def weights(self, s, vis):
+    """Scores ``(..., H, T, S)`` when ``alpha`` is per head."""
+    vis = jnp.broadcast_to(vis, s.shape)
+    alpha = _per_head_rows(self.alpha, s)
+    row_max = jax.lax.stop_gradient(self.shift(jnp.max(jnp.where(vis, s, -jnp.inf), -1, keepdims=True)))
+    # Masked keys sit below the bracket's low end, max - 1/(alpha - 1): outside the support.
+    x = jnp.where(vis, s, row_max - 1.0 / (jax.lax.stop_gradient(alpha) - 1.0) - 1.0)
+    return jnp.where(vis, entmax_bisect(x, alpha, self.iterations), 0.0)
+
+
+def _masked_logsumexp(x, vis, axis: int):
+  """log sum over visible entries along ``axis`` (0 where none is visible), keepdims."""
+  top = jnp.max(jnp.where(vis, x, -jnp.inf), axis, keepdims=True)
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  total = jnp.sum(jnp.where(vis, jnp.exp(jnp.where(vis, x, top) - top), 0.0), axis, keepdims=True)
+  return top + jnp.log(jnp.where(total > 0, total, 1.0))
+
+
+@_pytree
+class Sinkhorn(Normalizer):
+  """Sinkformer attention (Sander, Ablin, Blondel & Peyré, arXiv 2110.11773 §3, eq. 6): ``iterations``
+  alternating log-domain Sinkhorn half-steps on ``exp(S)``, rows first (so 1 iteration is softmax; an odd
+  count ends on rows, whose sums are then exactly 1). Uniform marginals: rows sum to 1, columns (keys) to
+  ``rows / columns`` (the non-empty ones; 1 for square self-attention), so the limit is doubly stochastic.
+  Default 3 (the paper's ViT and text runs). Columns sum over the call's queries, so the weights of a query
+  depend on the others: non-causal self-attention only (the public op refuses ``causal=True``), and
+  reference-only (column sums need every query block)."""
+  name: ClassVar[str] = "sinkhorn"
+  blockwise: ClassVar[bool] = False
+  kernel_supported: ClassVar[bool] = False
+  mixes_queries: ClassVar[bool] = True
+  iterations: int = dataclasses.field(default=3, metadata=_STATIC)
+
+  def __post_init__(self):
+    if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+      raise ValueError(f"Sinkhorn.iterations: got {self.iterations!r}; allowed: an int >= 1")
+
+  def weights(self, s, vis):
+    """Scores ``(..., T, S)``: the queries on axis -2."""
+    vis = jnp.broadcast_to(vis, s.shape)
+    rows = jnp.sum(jnp.any(vis, -1), -1, keepdims=True, dtype=jnp.float32)[..., None]
+    cols = jnp.sum(jnp.any(vis, -2), -1, keepdims=True, dtype=jnp.float32)[..., None]
+    log_col_mass = jnp.log(jnp.maximum(rows, 1.0) / jnp.maximum(cols, 1.0))
+    log_p = jnp.where(vis, s, 0.0)
+    for i in range(self.iterations):
+      if i % 2 == 0:
+        log_p = log_p - _masked_logsumexp(log_p, vis, -1)
+      else:
+        log_p = log_p - _masked_logsumexp(log_p, vis, -2) + log_col_mass
+    return jnp.where(vis, jnp.exp(jnp.where(vis, log_p, 0.0)), 0.0)
+
+
 NORMALIZERS: dict[str, type[Normalizer]] = {
     cls.name: cls for cls in (Softmax, Sigmoid, Softpick, SSMax, Selective, Stablemax, Relu, ClippedSoftmax,
-                              SelfAdjust, Sparsemax, Entmax15)}
+                              SelfAdjust, Sparsemax, Entmax15, LSSA, AdaptiveTemperature, Entmax, Sinkhorn)}
 
 
 def get(normalizer: str | Normalizer) -> Normalizer:

@@ -5,7 +5,8 @@ their key/value head), keys into blocks of ``block_sizes.kv``. :mod:`._blocks` c
 call; the forward pass maps over query blocks and runs a ``fori_loop`` over the key blocks in that query
 block's range, skipping empty tiles and masking only partial ones (FlashAttention-2, arXiv 2307.08691 Alg. 1,
 with the per-tile math of :mod:`._tile`). A causal mask therefore costs about half of the full product and a
-sliding window O(T * window). Clipped softmax takes a second pass over the same tiles for ``phi``.
+sliding window O(T * window). Clipped softmax takes a second pass over the same tiles for ``phi``; adaptive
+temperature a first pass (softmax with the keys as values) for the row entropy that sets its temperature.
 
 The backward (``jax.custom_vjp``; FA-2 Alg. 2) is one pass: a scan over key blocks, each looping over the query
 blocks that see it, accumulating ``dK``/``dV`` of the key block and adding each tile's ``dQ`` into a
@@ -58,10 +59,21 @@ def attention(q, k, v, *, normalizer: Normalizer, mask: masking.Mask, q_scale, g
   blocks = (block_sizes or BlockSizes()).resolve(defaults, seq, num_keys)
   q_scaled = (q.astype(jnp.float32) * q_scale[..., None]).astype(q.dtype)
   config = _Config(normalizer, mask.causal, mask.window, heads // kv_heads, blocks)
+  if normalizer.entropy_temperature:
+    q_scaled = (q_scaled.astype(jnp.float32) * _inverse_temperature(config, q_scaled, k, mask)).astype(q.dtype)
   o = _blockwise(config, q_scaled, k, v, mask)
   if gate is not None:
     o = o * gate.astype(jnp.float32)
   return o.astype(q.dtype)
+
+
+def _inverse_temperature(config: _Config, q, k, mask: masking.Mask):
+  """``beta`` ``(B, T, H, 1)`` of :class:`.normalizers.AdaptiveTemperature` from a first softmax pass with the
+  keys as values: ``H_i = lse_i - sum_j p_ij s_ij`` and ``sum_j p_ij s_ij = q_i · sum_j p_ij k_j``."""
+  pk, lse, _ = _forward(config, jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), jax.lax.stop_gradient(k),
+                        mask)
+  entropy = lse - jnp.sum(q.astype(jnp.float32) * pk, -1, keepdims=True)
+  return config.normalizer.inverse_temperature(jnp.maximum(entropy, 0.0))
 
 
 class _Tiles(NamedTuple):

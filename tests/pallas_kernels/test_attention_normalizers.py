@@ -187,7 +187,7 @@ def test_sort_based_are_reference_only(name):
 
 
 def test_normalizer_registry_and_instances():
-  assert set(normalizers.NORMALIZERS) == set(FORMULAS)
+  assert set(normalizers.NORMALIZERS) == set(FORMULAS) | {"lssa", "adaptive_temperature", "entmax", "sinkhorn"}
   for name, cls in normalizers.NORMALIZERS.items():
     assert isinstance(normalizers.get(name), cls)
   custom = normalizers.Softpick(eps=1e-3)

@@ -9,30 +9,43 @@ Rows (``gated_attention`` mixer fields; everything else shared): ``softmax``; ``
 per-head RMSNorm of the output that ReLA needs to train (Zhang et al., EMNLP 2021; their norm is gated and
 spans all heads: ours is the layer's ``sdpa_norm``); ``selective`` (position temperature, Zhang et al.,
 NeurIPS 2024); ``clipped_softmax`` (γ = -0.025, arXiv 2306.12929 eq. 4); ``self_adjust`` (``x·softmax(x)``,
-arXiv 2502.18277); ``softmax+G1`` (softmax with the elementwise sigmoid output gate, arXiv 2505.06708).
+arXiv 2502.18277); ``softmax+G1`` (softmax with the elementwise sigmoid output gate, arXiv 2505.06708);
+``lssa`` (softplus attention with the ``log d · log n`` length scale on cosine logits, arXiv 2501.13428 §3),
+also evaluated with LSSAR's re-weighting (p = 15) switched on at inference; ``adaptive_temperature`` (softmax
+with the entropy-set inverse temperature of arXiv 2410.01104 Fig. 4, on in training and evaluation: it has no
+gradient); ``entmax`` (α-entmax with α learned per head and layer, arXiv 1909.00015). Sinkhorn attention
+(arXiv 2110.11773) is not a row: its column sums mix the queries, so in a causal LM a token would see the
+scores of later ones (the op refuses ``causal=True``).
 
 Adding a normalizer is one entry of ``VARIANTS`` (``_row(normalizer, **layer_fields)``): every metric below is
 read from the layer's sown attention weights (``GatedAttention`` with the ``attention_weights`` collection
 mutable, computed through the same ``pallas_kernels.attention`` call the model trains with), so a new row needs
 no code of its own.
 
-Metrics: validation loss (nats/byte) at the training length ``T`` and at 2T and 4T (length extrapolation: the
-trained weights applied to longer windows of held-out text, same number of tokens; RoPE, sigmoid's bias and
-SSMax's ``s`` stay as trained); attention entropy (nats, each causal row renormalised to sum 1 — sigmoid, ReLA,
-softpick and clipped rows need not — mean over rows, heads and layers of the first validation sequence) at T
+Metrics: validation loss (nats/byte) at the training length ``T`` and at 2T, 4T and 8T (length extrapolation:
+the trained weights applied to longer windows of held-out text, same number of tokens; RoPE, sigmoid's bias and
+SSMax's ``s`` stay as trained), and for ``lssa`` the same with the re-weighting on ("LSSAR"); attention
+entropy (nats, each causal row renormalised to sum 1 — sigmoid, ReLA, softpick and clipped rows need not —
+mean over rows, heads and layers of the first validation sequence) at T
 and at 4T; the fraction of exactly-zero weights among the causally visible ones (same sequence, at T);
 first-token attention and sink rate (share of heads whose mean weight on token 0 exceeds 0.3, Gu et al. arXiv
 2410.10781, as Softpick's Table 2); the largest |hidden state| (M-Act) and the hidden-state kurtosis
-(``gated_jax.train.metrics``; these four on the first validation batch, as the trainer's diagnostics).
+(``gated_jax.train.metrics``; these four on the first validation batch, as the trainer's diagnostics); for
+``entmax`` the learned α (mean, min, max over heads and layers; each head's value is in ``runs.jsonl`` as
+``alpha_l{layer}_h{head}``).
 
 Claims judged per seed and on the means: (a) SSMax extrapolates better than softmax (lower loss at 4T);
 (b) softpick gives exact zeros and no sink, with a loss within 2% of softmax's; (c) sigmoid with b = -log n
 matches softmax's loss (within 2%); (d) clipped softmax lowers the outliers (M-Act and kurtosis) against
-softmax; (e) the G1 gate lowers them too.
+softmax; (e) the G1 gate lowers them too; (f) LSSAR's re-weighting lowers LSSA's loss at 8T (arXiv 2501.13428:
+nearly flat loss far past the training length); (g) adaptive temperature sharpens attention out of distribution
+(lower entropy at 4T than softmax, arXiv 2410.01104 §5); (h) learned α spreads across heads (max - min > 0.1)
+and gives exact zeros, with a loss within 2% of softmax (arXiv 1909.00015 §5).
 
 Scales:
 
-* ``tiny`` (default; 2 CPU cores, ≤ 20 minutes for 10 rows × 2 seeds): 2 layers, d_model 64, 4 heads of 16,
+* ``tiny`` (default; 2 CPU cores, ≤ 20 minutes for the first 10 rows × 2 seeds; the three rows of arXiv
+  2501.13428 / 2410.01104 / 1909.00015 add about a third): 2 layers, d_model 64, 4 heads of 16,
   SwiGLU 256, T = 64 bytes, batch 16, 400 AdamW steps at 3e-3, warmup-cosine.
 * ``small`` (one accelerator): 6 layers, d_model 384, 6 heads of 64, T = 512, batch 32, 3000 steps, bfloat16.
 * ``paper``: Softpick's 340M setting (24 layers, d_model 1024, 16 heads, T = 4096, batch 128, 100k steps at
@@ -52,11 +65,11 @@ import numpy as np
 
 from experiments.tables.common import Claim, Metric, Table
 from gated_jax.data import pipeline
-from gated_jax.layers.attention import ATTENTION_WEIGHTS
+from gated_jax.layers.attention import ATTENTION_WEIGHTS, ENTMAX_ALPHA, entmax_alpha
 from gated_jax.train import metrics as train_metrics
 from gated_jax.train import step, train
 
-EXTRAPOLATION = (2, 4)  # evaluated lengths, as multiples of the training length
+EXTRAPOLATION = (2, 4, 8)  # evaluated lengths, as multiples of the training length
 LOSS_TOLERANCE = 0.02  # "close to" / "matches": within 2% of softmax's validation loss
 
 
@@ -75,6 +88,9 @@ VARIANTS = {
     "clipped_softmax": _row("clipped_softmax"),
     "self_adjust": _row("self_adjust"),
     "softmax+G1": _row("softmax", gate="G1"),
+    "lssa": _row("lssa"),
+    "adaptive_temperature": _row("adaptive_temperature"),
+    "entmax": _row("entmax", implementation="reference"),  # bisection over the row: reference only
 }
 
 _SHARED = {"model.mixer": "gated_attention", "model.mlp": "swiglu", "data.name": "stdlib_bytes",
@@ -100,6 +116,10 @@ METRICS = (
     Metric("loss", "val loss T", ".4f"),
     Metric("loss_2x", "val loss 2T", ".4f"),
     Metric("loss_4x", "val loss 4T", ".4f"),
+    Metric("loss_8x", "val loss 8T", ".4f"),
+    Metric("loss_2x_reweighted", "LSSAR 2T", ".4f"),
+    Metric("loss_4x_reweighted", "LSSAR 4T", ".4f"),
+    Metric("loss_8x_reweighted", "LSSAR 8T", ".4f"),
     Metric("entropy", "entropy T", ".2f"),
     Metric("entropy_4x", "entropy 4T", ".2f"),
     Metric("zero_fraction", "exact zeros", ".3f"),
@@ -107,6 +127,9 @@ METRICS = (
     Metric("sink_rate", "sink rate", ".2f"),
     Metric("max_activation", "M-Act", ".3g"),
     Metric("kurtosis", "kurtosis", ".3g"),
+    Metric("alpha_mean", "α mean", ".3f"),
+    Metric("alpha_min", "α min", ".3f"),
+    Metric("alpha_max", "α max", ".3f"),
 )
 
 # Softpick's Table 3 (340M, 10k steps; sink rate at 0.3 and zeros as fractions) and Bondarenko et al.'s Table 2
@@ -143,6 +166,14 @@ CLAIMS = (
           ("softmax", "clipped_softmax"), _fewer_outliers("clipped_softmax")),
     Claim("gate", "the G1 output gate lowers the outliers (M-Act and kurtosis) against softmax",
           ("softmax", "softmax+G1"), _fewer_outliers("softmax+G1")),
+    Claim("lssar", "LSSAR's re-weighting lowers LSSA's validation loss at 8T", ("lssa",),
+          lambda m: m["lssa"]["loss_8x_reweighted"] < m["lssa"]["loss_8x"]),
+    Claim("adaptive", "adaptive temperature gives lower attention entropy at 4T than softmax",
+          ("softmax", "adaptive_temperature"),
+          lambda m: m["adaptive_temperature"]["entropy_4x"] < m["softmax"]["entropy_4x"]),
+    Claim("entmax", "learned α spreads across heads (max - min > 0.1), gives exact zeros, loss within 2% of softmax",
+          ("softmax", "entmax"), lambda m: (m["entmax"]["alpha_max"] - m["entmax"]["alpha_min"] > 0.1
+                                            and m["entmax"]["zero_fraction"] > 0 and _within(m, "entmax"))),
 )
 
 
@@ -190,7 +221,8 @@ def _statistics_at(model, params, data: ml_collections.ConfigDict) -> dict[str, 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   """The table's runner: ``gated_jax.train.train`` (validation loss, sink and activation diagnostics at T),
-  then the trained parameters' validation loss at 2T and 4T and attention statistics at T and 4T."""
+  then the trained parameters' validation loss at 2T, 4T and 8T (and with LSSAR for ``lssa``), attention
+  statistics at T and 4T, and the learned α of ``entmax``."""
   result = train(config, workdir=str(workdir))
   metrics = {**{k: float(v) for k, v in result.eval.items()}, "num_params": int(result.num_params)}
   model, params = step.make_model(config), result.params
@@ -198,7 +230,36 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, A
   for factor in EXTRAPOLATION:
     metrics[f"loss_{factor}x"] = _loss_at(model, params, _longer(config, factor), config.train.eval_batches)
   metrics["entropy_4x"] = _statistics_at(model, params, _longer(config, 4))["entropy"]
+  normalizer = config.model.mixer_kwargs["normalizer"]
+  if normalizer == "lssa":  # the same parameters with LSSAR's re-weighting switched on
+    reweighted = step.make_model(_with_mixer_fields(config, normalizer="lssar", implementation="reference"))
+    for factor in EXTRAPOLATION:
+      metrics[f"loss_{factor}x_reweighted"] = _loss_at(reweighted, params, _longer(config, factor),
+                                                       config.train.eval_batches)
+  if normalizer == "entmax":
+    metrics.update(learned_alpha(params))
   return {"metrics": metrics, "history": result.history}
+
+
+def _with_mixer_fields(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.mixer_kwargs = {**dict(config.model.mixer_kwargs), **fields}
+  return config
+
+
+def learned_alpha(params) -> dict[str, float]:
+  """α of every entmax layer and head (``alpha_l{layer}_h{head}``, layers in parameter order) with their mean,
+  min and max."""
+  found = [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+           if ENTMAX_ALPHA in jax.tree_util.keystr(path)]
+  alphas = [np.asarray(entmax_alpha(jnp.asarray(leaf))) for _, leaf in sorted(found, key=lambda item: item[0])]
+  if not alphas:
+    raise ValueError(f"params: no {ENTMAX_ALPHA!r} parameter; allowed: a model with normalizer='entmax'")
+  values = {f"alpha_l{layer}_h{head}": float(a) for layer, alpha_H in enumerate(alphas)
+            for head, a in enumerate(alpha_H)}
+  every = np.concatenate(alphas)
+  return {**values, "alpha_mean": float(every.mean()), "alpha_min": float(every.min()),
+          "alpha_max": float(every.max())}
 
 
 TABLE = Table(

@@ -22,6 +22,11 @@ Normalizers with learnable parameters (the op takes them as arrays):
   official GPT-2 pretraining value; the official code has one ``β`` per layer).
 * ``"sigmoid"`` (arXiv 2409.04431 §3): the bias is ``-log(max_len)``, the maximum training length (as in
   AXLearn), so that decode and full-sequence calls agree.
+* ``"entmax"`` (arXiv 1909.00015 §3.3): a per-head ``alpha = max(1.01, 1 + sigmoid(a))`` in (1, 2), ``a``
+  initialised to 0 (alpha = 1.5) [derived]; :func:`entmax_alpha` maps the parameter to alpha.
+* ``"lssa"`` / ``"lssar"`` (arXiv 2501.13428 §3): q and k are l2-normalised (after RoPE, which preserves norms)
+  and the logits are ``log(head_dim) log(n_i) q̂·k̂`` (scale 1); ``"lssar"`` adds the re-weighting, and may be
+  swapped in at evaluation for an ``"lssa"`` model (same parameters).
 
 ``key_weights`` (``(B, T)`` in [0, 1], optional) hides keys softly, as adding ``log w_j`` to the scores of key
 ``j`` (skip-the-middle's gated attention, arXiv 2506.21103): the values carry ``[w_j v_j, w_j]`` (in the KV
@@ -56,6 +61,13 @@ from pallas_kernels.attention import normalizers
 
 ATTENTION_WEIGHTS = "attention_weights"  # opt-in collection: apply(..., mutable=[ATTENTION_WEIGHTS])
 KEY_WEIGHT_NORMALIZERS = ("softmax", "ssmax", "selective")  # normalise e^{s}: key weights are exact
+LAYER_NORMALIZERS = (*normalizers.NORMALIZERS, "lssar")  # "lssar": LSSA with the re-weighting
+ENTMAX_ALPHA = "entmax_alpha"  # the per-head parameter of "entmax" (pre-activation, see entmax_alpha)
+
+
+def entmax_alpha(a_H: jax.Array) -> jax.Array:
+  """alpha in [1.01, 2) from the layer's ``entmax_alpha`` parameter: ``max(1.01, 1 + sigmoid(a))``."""
+  return jnp.maximum(normalizers.ENTMAX_MIN_ALPHA, 1.0 + jax.nn.sigmoid(a_H.astype(jnp.float32)))
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -152,9 +164,8 @@ class GatedAttention(nn.Module):
     if self.selective_rope is not None and (self.rope or self.kv_heads != self.num_heads):
       raise ValueError(f"selective_rope: got {self.selective_rope!r} with rope={self.rope}, num_kv_heads="
                        f"{self.kv_heads}; allowed: rope=False and num_kv_heads == num_heads={self.num_heads}")
-    if not isinstance(self.normalizer, str) or self.normalizer not in normalizers.NORMALIZERS:
-      raise ValueError(f"normalizer: got {self.normalizer!r}; allowed: "
-                       f"{', '.join(map(repr, normalizers.NORMALIZERS))}")
+    if not isinstance(self.normalizer, str) or self.normalizer not in LAYER_NORMALIZERS:
+      raise ValueError(f"normalizer: got {self.normalizer!r}; allowed: {', '.join(map(repr, LAYER_NORMALIZERS))}")
     self.gate_spec.validate()
     super().__post_init__()
 
@@ -194,6 +205,12 @@ class GatedAttention(nn.Module):
       return normalizers.Selective(temperature=None, position_scale=jnp.exp(-jnp.exp(beta_H)))
     if self.normalizer == "sigmoid":
       return normalizers.Sigmoid(bias=-math.log(self.max_len))
+    if self.normalizer == "entmax":
+      a_H = self.param(ENTMAX_ALPHA, nn.with_logical_partitioning(nn.initializers.zeros, heads), (self.num_heads,),
+                       self.param_dtype)
+      return normalizers.Entmax(alpha=entmax_alpha(a_H))
+    if self.normalizer in ("lssa", "lssar"):
+      return normalizers.LSSA(head_dim=max(self.dim, 2), reweight=self.normalizer == "lssar")
     return self.normalizer
 
   def _check_inputs(self, x_BTD, segment_ids, positions, decode, key_weights) -> None:
@@ -261,11 +278,15 @@ class GatedAttention(nn.Module):
       mode = "off" if not decode else "init" if cache is None else "step"
       q_BTHK, k_BTNK = SelectiveRoPE(heads, dim, dtype=self.dtype, name="selective_rope", **self.selective_rope)(
           q_BTHK, k_BTNK, x_BTD, segment_ids=segment_ids, mode=mode)
+    scale = None
+    if self.normalizer in ("lssa", "lssar"):  # cosine logits (module docstring)
+      q_BTHK, k_BTNK = (_l2_normalize(x) for x in (q_BTHK, k_BTNK))
+      scale = 1.0
     if cache is not None:
       k_BTNK, v_BTNK = self._append(cache, k_BTNK, v_BTNK)
 
     attend = dict(normalizer=self._normalizer(), window=self.window, segment_ids=segment_ids,
-                  query_offset=query_offset, implementation=self.implementation)
+                  query_offset=query_offset, implementation=self.implementation, scale=scale)
     spec = self.gate_spec
     fused = (spec.position == "G1" and spec.mode == "multiplicative" and not (self.sdpa_norm or self.sdpa_silu)
              and key_weights is None)
@@ -328,3 +349,8 @@ class GatedAttention(nn.Module):
     onehot_BSN1 = jnp.zeros(k_BSNK.shape[:3] + (1,), q_BTHK.dtype).at[:, 0].set(1)
     first_BTH1 = pallas_kernels.attention(q_BTHK, k_BSNK, onehot_BSN1, **attend)
     self.sow("intermediates", "first_token_attention", jnp.mean(first_BTH1.astype(jnp.float32), axis=(0, 1, 3)))
+
+
+def _l2_normalize(x_BTHK: jax.Array) -> jax.Array:
+  x = x_BTHK.astype(jnp.float32)
+  return (x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))).astype(x_BTHK.dtype)

@@ -47,6 +47,7 @@ CASES = (
     _case("segments selective f32", 1e-4, normalizer="selective", segment_ids=_SEGMENTS),
     _case("window 48 stablemax f32", 1e-4, normalizer="stablemax", window=48),
     _case("causal relu f32", 1e-4, normalizer="relu"),
+    _case("causal lssa f32", 1e-4, normalizer="lssa", scale=1.0),
     _case("segments + key mask self_adjust f32", 1e-4, normalizer="self_adjust", segment_ids=_SEGMENTS,
           key_mask=_KEY_MASK),
     _case("causal softmax elementwise gate bf16", 2e-2, jnp.bfloat16, gate="elementwise", normalizer="softmax"),

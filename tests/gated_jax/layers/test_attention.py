@@ -114,8 +114,9 @@ def test_controls_act_on_sdpa_output():
 
 def test_learnable_normalizer_parameters_get_gradients():
   x = _x()
-  for normalizer, name, init in (("ssmax", "ssmax_s", 1 / np.log(64)), ("selective", "selective_beta", 1.5)):
-    layer = _layer(normalizer=normalizer, max_len=64)
+  for normalizer, name, init in (("ssmax", "ssmax_s", 1 / np.log(64)), ("selective", "selective_beta", 1.5),
+                                 ("entmax", "entmax_alpha", 0.0)):
+    layer = _layer(normalizer=normalizer, max_len=64, implementation="reference")
     params = _params(layer, x)
     npt.assert_allclose(params[name], np.full((H,), init), rtol=1e-6)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2)))(params)  # noqa: B023
@@ -154,6 +155,30 @@ def test_attention_weights_are_sown_on_request():
   (weights,) = state[ATTENTION_WEIGHTS]["weights"]
   expected = np.tril(np.full((t, t), 1.0 / 9.0))
   npt.assert_allclose(weights, np.broadcast_to(expected[None, :, None, :], (2, t, H, t)), rtol=1e-5, atol=1e-7)
+
+
+def test_lssa_uses_cosine_logits_and_lssar_shares_its_parameters():
+  """LSSA's weights from l2-normalised q, k with logits log(head_dim) log(i + 1) q̂·k̂ (arXiv 2501.13428 §3);
+  the "lssar" layer runs on the same parameters and zeroes the keys below uniform on rows past the third."""
+  t = 6
+  x = _x(t=t)
+  kwargs = dict(qk_norm=False, rope=False, gate_position="none", implementation="reference")
+  layer = _layer(normalizer="lssa", **kwargs)
+  params = _params(layer, x)
+  weights = {}
+  for name in ("lssa", "lssar"):
+    _, state = jax.jit(lambda p, layer=_layer(normalizer=name, **kwargs): layer.apply(
+        {"params": p}, x, mutable=[ATTENTION_WEIGHTS]))(params)
+    weights[name] = np.asarray(state[ATTENTION_WEIGHTS]["weights"][0])
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  q = unit(np.einsum("btd,dhk->bthk", x, params["query"]["kernel"]))
+  k = unit(np.repeat(np.einsum("btd,dhk->bthk", x, params["key"]["kernel"]), H // KV, axis=2))
+  cosine = np.einsum("bthk,bshk->bths", q, k)
+  logits = np.log(D) * np.log(np.arange(1, t + 1))[None, :, None, None] * cosine
+  a = np.tril(np.ones((t, t)))[None, :, None, :] * np.log1p(np.exp(logits))
+  npt.assert_allclose(weights["lssa"], a / a.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+  rows = weights["lssar"][:, 3:]
+  assert np.all((rows == 0) == (weights["lssa"][:, 3:] * np.arange(4, t + 1)[None, :, None, None] <= 1))
 
 
 def test_segment_ids_match_separate_sequences():

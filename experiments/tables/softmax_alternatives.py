@@ -112,6 +112,9 @@ SCALES = {
     "paper": _scale(1024, 24, 16, 4096, 4096, 128, 100_000, 3e-4, 1000, 32, dtype="bfloat16"),
 }
 
+ROW_METRICS = ("loss_2x_reweighted", "loss_4x_reweighted", "loss_8x_reweighted", "alpha_mean", "alpha_min",
+               "alpha_max")  # reported by the lssa / entmax rows only
+
 METRICS = (
     Metric("loss", "val loss T", ".4f"),
     Metric("loss_2x", "val loss 2T", ".4f"),
@@ -266,7 +269,9 @@ TABLE = Table(
     name="softmax_alternatives",
     paper=("Softmax alternatives in attention: sigmoid (arXiv 2409.04431), softpick (arXiv 2504.20966), SSMax "
            "(arXiv 2501.19399), StableMax (arXiv 2501.04697), ReLA (EMNLP 2021), selective (NeurIPS 2024), "
-           "clipped softmax (arXiv 2306.12929), self-adjust (arXiv 2502.18277), G1 gate (arXiv 2505.06708)"),
+           "clipped softmax (arXiv 2306.12929), self-adjust (arXiv 2502.18277), G1 gate (arXiv 2505.06708), "
+           "LSSA/LSSAR (arXiv 2501.13428), adaptive temperature (arXiv 2410.01104), learned-α entmax "
+           "(arXiv 1909.00015)"),
     variants=VARIANTS,
     scales=SCALES,
     metrics=METRICS,

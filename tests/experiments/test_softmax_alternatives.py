@@ -31,6 +31,17 @@ def test_attention_statistics_known_answers():
   assert stats["zero_fraction"] == pytest.approx((VISIBLE - 3) / VISIBLE / 2)
 
 
+def test_learned_alpha_reads_every_layer_and_head():
+  params = {"layers_0": {"mixer": {"entmax_alpha": np.zeros(2)}}, "layers_1": {"mixer": {"entmax_alpha": np.array([
+      -40.0, 40.0])}}}
+  alpha = table_module.learned_alpha(params)
+  assert alpha["alpha_l0_h0"] == alpha["alpha_l0_h1"] == pytest.approx(1.5)
+  assert alpha["alpha_l1_h0"] == pytest.approx(1.01) and alpha["alpha_l1_h1"] == pytest.approx(2.0)
+  assert (alpha["alpha_min"], alpha["alpha_max"]) == (pytest.approx(1.01), pytest.approx(2.0))
+  with pytest.raises(ValueError, match="params: no 'entmax_alpha' parameter"):
+    table_module.learned_alpha({"layers_0": {"w": np.zeros(2)}})
+
+
 def _means(**changes):
   means = {v: {"loss": 2.0, "loss_4x": 3.0, "zero_fraction": 0.0, "sink_rate": 0.5, "max_activation": 10.0,
                "kurtosis": 50.0} for v in table_module.VARIANTS}
@@ -39,6 +50,9 @@ def _means(**changes):
   means["sigmoid"]["loss"] = 1.97
   means["clipped_softmax"].update(max_activation=5.0, kurtosis=10.0)
   means["softmax+G1"].update(max_activation=8.0, kurtosis=20.0)
+  means["lssa"].update(loss_8x=3.5, loss_8x_reweighted=2.4)
+  means["softmax"]["entropy_4x"], means["adaptive_temperature"]["entropy_4x"] = 2.0, 1.5
+  means["entmax"].update(alpha_min=1.2, alpha_max=1.8, zero_fraction=0.3, loss=2.01)
   for path, value in changes.items():
     variant, key = path.split(".")
     means[variant][key] = value
@@ -53,6 +67,10 @@ def _means(**changes):
     ({"sigmoid.loss": 1.95}, "sigmoid"),
     ({"clipped_softmax.kurtosis": 60.0}, "clipped"),
     ({"softmax+G1.max_activation": 11.0}, "gate"),
+    ({"lssa.loss_8x_reweighted": 3.6}, "lssar"),
+    ({"adaptive_temperature.entropy_4x": 2.1}, "adaptive"),
+    ({"entmax.alpha_max": 1.25}, "entmax"),
+    ({"entmax.zero_fraction": 0.0}, "entmax"),
 ])
 def test_claims_on_constructed_means(changes, failing):
   means = _means(**changes)
@@ -67,8 +85,8 @@ def test_micro_reproduction(tmp_path):
   runs = [json.loads(line) for line in (tmp_path / "softmax_alternatives" / "runs.jsonl").read_text().splitlines()]
   assert [r["variant"] for r in runs] == ["softpick"]
   metrics = runs[0]["metrics"]
-  assert {k.key for k in table_module.METRICS} <= set(metrics)
-  assert np.isfinite([metrics["loss"], metrics["loss_2x"], metrics["loss_4x"]]).all()
+  assert {k.key for k in table_module.METRICS} - set(table_module.ROW_METRICS) <= set(metrics)
+  assert np.isfinite([metrics["loss"], metrics["loss_2x"], metrics["loss_4x"], metrics["loss_8x"]]).all()
   assert 0 < metrics["entropy"] < np.log(16) and metrics["entropy_4x"] > metrics["entropy"]  # more keys, flatter
   # Softpick zeroes every key whose logit is <= 0: about half of them near initialisation (softmax: none).
   assert 0.2 < metrics["zero_fraction"] < 0.8

@@ -53,8 +53,8 @@ def test_micro_reproduction(tmp_path):
   assert runs["softmax"]["history"] == runs["adaptive"]["history"]  # one training, two inference rules
   for row in runs.values():
     m = row["metrics"]
-    assert set(m) == {f"{kind}_{n}" for kind in ("accuracy", "weight", "bound") for n in (16, 1024)}
-    assert all(0 <= v <= 1 for v in m.values())
+    assert set(m) == {f"{kind}_{n}" for kind in ("accuracy", "weight", "spread", "bound") for n in (16, 1024)}
+    assert all(0 <= m[k] <= 1 for k in m if not k.startswith("spread")) and m["spread_1024"] > m["spread_16"] > 0
   softmax = runs["softmax"]["metrics"]
   assert softmax["weight_1024"] <= softmax["bound_1024"] and softmax["weight_16"] <= softmax["bound_16"]
   assert softmax["weight_1024"] < softmax["weight_16"]

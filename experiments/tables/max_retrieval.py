@@ -1,6 +1,6 @@
 """Max retrieval: softmax attention disperses as the number of items grows past the training sizes, and adaptive
 temperature partly restores its sharpness (Veličković, Perivolaropoulos, Barbero & Pascanu, "softmax is not
-enough (for sharp out-of-distribution)", arXiv 2410.01104 §2 and §5).
+enough (for sharp out-of-distribution)", arXiv 2410.01104: its dispersion theorem and adaptive temperature).
 
     python -m experiments reproduce max_retrieval [--scale tiny|small|paper] [--seeds N]
 
@@ -17,7 +17,7 @@ with adaptive temperature switched on at inference (``adaptive``: ``normalizers.
 paper's Fig. 4 rule, which it applies at inference only).
 
 Metrics per ``n``: accuracy; the attention weight on the max item (mean over sets); the spread ``δ`` (max - min)
-of the set's attention logits before any temperature (mean over sets). The paper's §2 bound for softmax: no
+of the set's attention logits before any temperature (mean over sets). The paper's dispersion bound for softmax: no
 item gets more than ``e^δ / (e^δ + n - 1)``, so while ``δ`` stays bounded the weight must fall once ``n`` is
 well past ``e^δ``; its mean over sets is kept in ``runs.jsonl`` as ``bound_{n}`` (softmax's weights obey it).
 

@@ -12,7 +12,7 @@ NeurIPS 2024); ``clipped_softmax`` (γ = -0.025, arXiv 2306.12929 eq. 4); ``self
 arXiv 2502.18277); ``softmax+G1`` (softmax with the elementwise sigmoid output gate, arXiv 2505.06708);
 ``lssa`` (softplus attention with the ``log d · log n`` length scale on cosine logits, arXiv 2501.13428 §3),
 also evaluated with LSSAR's re-weighting (p = 15) switched on at inference; ``adaptive_temperature`` (softmax
-with the entropy-set inverse temperature of arXiv 2410.01104 Fig. 4, on in training and evaluation: it has no
+with the entropy-set inverse temperature of arXiv 2410.01104, on in training and evaluation: it has no
 gradient); ``entmax`` (α-entmax with α learned per head and layer, arXiv 1909.00015). Sinkhorn attention
 (arXiv 2110.11773) is not a row: its column sums mix the queries, so in a causal LM a token would see the
 scores of later ones (the op refuses ``causal=True``).
@@ -39,8 +39,8 @@ Claims judged per seed and on the means: (a) SSMax extrapolates better than soft
 matches softmax's loss (within 2%); (d) clipped softmax lowers the outliers (M-Act and kurtosis) against
 softmax; (e) the G1 gate lowers them too; (f) LSSAR's re-weighting lowers LSSA's loss at 8T (arXiv 2501.13428:
 nearly flat loss far past the training length); (g) adaptive temperature sharpens attention out of distribution
-(lower entropy at 4T than softmax, arXiv 2410.01104 §5); (h) learned α spreads across heads (max - min > 0.1)
-and gives exact zeros, with a loss within 2% of softmax (arXiv 1909.00015 §5).
+(lower entropy at 4T than softmax, arXiv 2410.01104); (h) learned α spreads across heads (max - min > 0.1)
+and gives exact zeros, with a loss within 2% of softmax (arXiv 1909.00015's claims).
 
 Scales:
 

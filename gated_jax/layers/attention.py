@@ -22,7 +22,7 @@ Normalizers with learnable parameters (the op takes them as arrays):
   official GPT-2 pretraining value; the official code has one ``β`` per layer).
 * ``"sigmoid"`` (arXiv 2409.04431 §3): the bias is ``-log(max_len)``, the maximum training length (as in
   AXLearn), so that decode and full-sequence calls agree.
-* ``"entmax"`` (arXiv 1909.00015 §3.3): a per-head ``alpha = max(1.01, 1 + sigmoid(a))`` in (1, 2), ``a``
+* ``"entmax"`` (arXiv 1909.00015 §3): a per-head ``alpha = max(1.01, 1 + sigmoid(a))`` in (1, 2), ``a``
   initialised to 0 (alpha = 1.5) [derived]; :func:`entmax_alpha` maps the parameter to alpha.
 * ``"lssa"`` / ``"lssar"`` (arXiv 2501.13428 §3): q and k are l2-normalised (after RoPE, which preserves norms)
   and the logits are ``log(head_dim) log(n_i) q̂·k̂`` (scale 1); ``"lssar"`` adds the re-weighting, and may be

@@ -459,16 +459,17 @@ class LSSA(Normalizer):
     return jnp.where(total > 0, r / jnp.where(total > 0, total, 1.0), a)
 
 
-ADAPTIVE_POLYNOMIAL = (-0.037, 0.481, -2.3, 4.917, -1.791)  # arXiv 2410.01104 Fig. 4, highest power first
+ADAPTIVE_POLYNOMIAL = (-0.037, 0.481, -2.3, 4.917, -1.791)  # arXiv 2410.01104's listing, highest power first
 
 
 @_pytree
 class AdaptiveTemperature(Normalizer):
-  """Adaptive temperature (Veličković et al., "softmax is not enough", arXiv 2410.01104 §5 and Fig. 4):
+  """Adaptive temperature (Veličković et al., "softmax is not enough", arXiv 2410.01104, the
+  adaptive-temperature section and its JAX listing):
   ``softmax(beta_i s_i)`` with the inverse temperature ``beta_i`` from the entropy ``H_i`` of ``softmax(s_i)``:
   ``beta = max(1, P(H))`` where ``H > threshold`` (0.5), else 1, ``P`` the paper's degree-4 fit of the
-  sharpness-restoring inverse temperature against the entropy. No gradient flows through ``beta`` (the paper
-  computes it under stop_gradient). Two passes: the ``xla`` path gets ``H = lse - sum_j p_j s_j`` from a first
+  sharpness-restoring inverse temperature against the entropy. ``beta`` is a constant to autodiff (the paper
+  applies the rule at inference). Two passes: the ``xla`` path gets ``H = lse - sum_j p_j s_j`` from a first
   softmax pass whose values are the keys (``sum_j p_j s_j = q · sum_j p_j k_j``), then runs softmax on
   ``beta q``; the reference uses the paper's ``-sum p log(p + 1e-9)`` (the two differ by < n·1e-9).
   """
@@ -509,7 +510,7 @@ def _per_head_rows(value, s: jax.Array) -> jax.Array:
 
 def _entmax_threshold(z, alpha, iterations: int):
   """``tau`` with ``sum_j [z_j - tau]_+^{1/(alpha-1)} = 1`` by bisection on ``[max z - 1, max z - n^{1-alpha}]``
-  (the bracket of arXiv 1909.00015 §3.2 / deep-spin/entmax's root finder), ``z = (alpha - 1) x``."""
+  (the bracket of the bisection of arXiv 1909.00015 §3), ``z = (alpha - 1) x``."""
   top = jnp.max(z, -1, keepdims=True)
   lo, width = top - 1.0, 1.0 - z.shape[-1] ** (1.0 - alpha)
   power = 1.0 / (alpha - 1.0)
@@ -527,8 +528,9 @@ def _entmax_threshold(z, alpha, iterations: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def entmax_bisect(x, alpha, iterations: int = 50):
   """alpha-entmax over the last axis, ``p_j = [(alpha - 1) x_j - tau]_+^{1/(alpha-1)}`` with ``sum p = 1``
-  (Peters et al. arXiv 1905.05702 eq. 9; Correia et al. arXiv 1909.00015 eq. 4), by bisection; ``alpha > 1``
-  broadcastable to ``x[..., :1]``. Gradients to ``x`` and ``alpha`` (arXiv 1909.00015 §3.3 and App. B)."""
+  (Peters, Niculae & Martins arXiv 1905.05702; Correia et al. arXiv 1909.00015 §3), by bisection; ``alpha > 1``
+  broadcastable to ``x[..., :1]``. Gradients to ``x`` and ``alpha`` by implicit differentiation (arXiv
+  1909.00015 §3, the alpha-gradient of its appendix)."""
   z = (alpha - 1.0) * x
   p = jax.nn.relu(z - _entmax_threshold(z, alpha, iterations)) ** (1.0 / (alpha - 1.0))
   return p / jnp.sum(p, -1, keepdims=True)
@@ -562,7 +564,7 @@ def _entmax_bwd(iterations, residuals, dp):
 
 entmax_bisect.defvjp(_entmax_fwd, _entmax_bwd)
 
-ENTMAX_MIN_ALPHA = 1.01  # the alpha-gradient is singular at 1 (arXiv 1909.00015 App. B)
+ENTMAX_MIN_ALPHA = 1.01  # the alpha-gradient has (alpha - 1) in its denominators: singular at 1
 
 
 @_pytree
@@ -611,7 +613,7 @@ def _masked_logsumexp(x, vis, axis: int):
 
 @_pytree
 class Sinkhorn(Normalizer):
-  """Sinkformer attention (Sander, Ablin, Blondel & Peyré, arXiv 2110.11773 §3, eq. 6): ``iterations``
+  """Sinkformer attention (Sander, Ablin, Blondel & Peyré, arXiv 2110.11773 §3): ``iterations``
   alternating log-domain Sinkhorn half-steps on ``exp(S)``, rows first (so 1 iteration is softmax; an odd
   count ends on rows, whose sums are then exactly 1). Uniform marginals: rows sum to 1, columns (keys) to
   ``rows / columns`` (the non-empty ones; 1 for square self-attention), so the limit is doubly stochastic.

@@ -44,8 +44,8 @@ and gives exact zeros, with a loss within 2% of softmax (arXiv 1909.00015's clai
 
 Scales:
 
-* ``tiny`` (default; 2 CPU cores, ≤ 20 minutes for the first 10 rows × 2 seeds; the three rows of arXiv
-  2501.13428 / 2410.01104 / 1909.00015 add about a third): 2 layers, d_model 64, 4 heads of 16,
+* ``tiny`` (default; 2 CPU cores, ≤ 20 minutes for 13 rows × 2 seeds: about 40 s per run, 80 s for ``entmax``,
+  whose bisection runs in the reference implementation): 2 layers, d_model 64, 4 heads of 16,
   SwiGLU 256, T = 64 bytes, batch 16, 400 AdamW steps at 3e-3, warmup-cosine.
 * ``small`` (one accelerator): 6 layers, d_model 384, 6 heads of 64, T = 512, batch 32, 3000 steps, bfloat16.
 * ``paper``: Softpick's 340M setting (24 layers, d_model 1024, 16 heads, T = 4096, batch 128, 100k steps at

@@ -439,6 +439,7 @@ class LSSA(Normalizer):
     return not self.reweight
 
   def row_scale(self, counts_BT, heads):
+    del heads
     return math.log(self.head_dim) * _log_counts(counts_BT)
 
   def numerator(self, s, m):
@@ -583,7 +584,7 @@ class Entmax(Normalizer):
   def __post_init__(self):
     if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
       raise ValueError(f"Entmax.iterations: got {self.iterations!r}; allowed: an int >= 1")
-    if not hasattr(self.alpha, "shape"):
+    if isinstance(self.alpha, (int, float)):  # arrays (and pytree placeholders) are checked by validate()
       _check_number("Entmax", "alpha", self.alpha, lambda x: x >= ENTMAX_MIN_ALPHA, f"a float >= {ENTMAX_MIN_ALPHA}")
 
   def validate(self, *, batch, seq, heads):

@@ -2,6 +2,8 @@
 and the numerical facts of reference/attention.md §11."""
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,24 +11,14 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-import pallas_kernels
-from pallas_kernels.attention import normalizers
+sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--import-mode=importlib)
+import _normalizer_formulas as formulas  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+from pallas_kernels.attention import normalizers  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
-def _softmax(x):
-  e = np.exp(x - x.max())
-  return e / e.sum()
-
-
-def _bisect(total, lo, hi):
-  """tau with total(tau) == 1 for a decreasing total (an algorithm independent of the sort-based one)."""
-  for _ in range(200):
-    mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if total(mid) > 1 else (lo, mid)
-  return (lo + hi) / 2
 
 
 def _stablemax(x):
@@ -35,12 +27,12 @@ def _stablemax(x):
 
 
 def _sparsemax(x):
-  tau = _bisect(lambda t: np.maximum(x - t, 0).sum(), x.max() - 1, x.max())
+  tau = formulas.bisect(lambda t: np.maximum(x - t, 0).sum(), x.max() - 1, x.max())
   return np.maximum(x - tau, 0)
 
 
 def _entmax15(x):
-  tau = _bisect(lambda t: (np.maximum(x / 2 - t, 0) ** 2).sum(), x.max() / 2 - 1, x.max() / 2)
+  tau = formulas.bisect(lambda t: (np.maximum(x / 2 - t, 0) ** 2).sum(), x.max() / 2 - 1, x.max() / 2)
   return np.maximum(x / 2 - tau, 0) ** 2
 
 
@@ -48,15 +40,15 @@ SELECTIVE_C = math.exp(-math.exp(1.5))
 
 # Formula per normalizer (defaults), on the visible scores x of one row; num_keys = S.
 FORMULAS = {
-    "softmax": lambda x, num_keys: _softmax(x),
+    "softmax": lambda x, num_keys: formulas.softmax(x),
     "sigmoid": lambda x, num_keys: 1 / (1 + np.exp(-(x - np.log(num_keys)))),
     "softpick": lambda x, num_keys: np.maximum(np.exp(x) - 1, 0) / (np.abs(np.exp(x) - 1).sum() + 1e-6),
-    "ssmax": lambda x, num_keys: _softmax(np.log(len(x)) * x),
-    "selective": lambda x, num_keys: _softmax((1 + SELECTIVE_C * np.log(len(x))) * x),
+    "ssmax": lambda x, num_keys: formulas.softmax(np.log(len(x)) * x),
+    "selective": lambda x, num_keys: formulas.softmax((1 + SELECTIVE_C * np.log(len(x))) * x),
     "stablemax": lambda x, num_keys: _stablemax(x),
     "relu": lambda x, num_keys: np.maximum(x, 0),
-    "clipped_softmax": lambda x, num_keys: np.clip(1.025 * _softmax(x) - 0.025, 0, 1),
-    "self_adjust": lambda x, num_keys: x * _softmax(x),
+    "clipped_softmax": lambda x, num_keys: np.clip(1.025 * formulas.softmax(x) - 0.025, 0, 1),
+    "self_adjust": lambda x, num_keys: x * formulas.softmax(x),
     "sparsemax": lambda x, num_keys: _sparsemax(x),
     "entmax15": lambda x, num_keys: _entmax15(x),
 }
@@ -155,7 +147,7 @@ def test_sigmoid_bias_default_and_explicit():
 def test_clipped_softmax_parameters():
   scores = [3.0, 0.0, -1.0, 0.2]
   got = _weights(scores, normalizers.ClippedSoftmax(gamma=-0.1, zeta=1.2))
-  np.testing.assert_allclose(got, np.clip(1.3 * _softmax(np.array(scores)) - 0.1, 0, 1), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got, np.clip(1.3 * formulas.softmax(np.array(scores)) - 0.1, 0, 1), rtol=1e-6, atol=1e-7)
   assert float(got[2]) == 0.0
 
 
@@ -236,7 +228,7 @@ def test_ssmax_and_selective_row_scales():
   for t in range(4):
     for h in range(2):
       x = kn[0, :t + 1, h] @ qn[0, t, h] / math.sqrt(3)
-      np.testing.assert_allclose(got_ss[0, t, h], _softmax(s[h] * np.log(t + 1) * x) @ vn[0, :t + 1, h],
+      np.testing.assert_allclose(got_ss[0, t, h], formulas.softmax(s[h] * np.log(t + 1) * x) @ vn[0, :t + 1, h],
                                  rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose(got_sel[0, t, h], _softmax(temp[0, t, h] * x) @ vn[0, :t + 1, h],
+      np.testing.assert_allclose(got_sel[0, t, h], formulas.softmax(temp[0, t, h] * x) @ vn[0, :t + 1, h],
                                  rtol=1e-5, atol=1e-6)

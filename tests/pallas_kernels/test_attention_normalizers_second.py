@@ -5,6 +5,8 @@ gradient against finite differences; the limits (alpha -> 1 softmax, alpha = 2 s
 -> 1); and the refusals (kernels, xla, causal Sinkhorn, bad arguments)."""
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,11 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-import pallas_kernels
-from pallas_kernels.attention import BlockSizes, normalizers
+sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--import-mode=importlib)
+import _normalizer_formulas as formulas  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+from pallas_kernels.attention import BlockSizes, normalizers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -24,22 +29,9 @@ SEGMENTS = (np.array([[0, 0, 7, 1, 1, 1], [0] * 3 + [1] * 3]), np.array([[0] * 4
 OFFSET = 3
 
 
-def _softmax(x):
-  e = np.exp(x - x.max())
-  return e / e.sum()
-
-
-def _bisect(total, lo, hi):
-  """tau with total(tau) == 1 for a decreasing total."""
-  for _ in range(200):
-    mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if total(mid) > 1 else (lo, mid)
-  return (lo + hi) / 2
-
-
 def _entmax(x, alpha):
   z = (alpha - 1) * x
-  tau = _bisect(lambda t: (np.maximum(z - t, 0) ** (1 / (alpha - 1))).sum(), z.max() - 1, z.max())
+  tau = formulas.bisect(lambda t: (np.maximum(z - t, 0) ** (1 / (alpha - 1))).sum(), z.max() - 1, z.max())
   return np.maximum(z - tau, 0) ** (1 / (alpha - 1))
 
 
@@ -55,10 +47,10 @@ def _lssar(x):
 
 
 def _adaptive(x):
-  p = _softmax(x)
+  p = formulas.softmax(x)
   entropy = -(p * np.log(p + 1e-9)).sum()
   beta = max(1.0, np.polyval([-0.037, 0.481, -2.3, 4.917, -1.791], entropy)) if entropy > 0.5 else 1.0
-  return _softmax(beta * x)
+  return formulas.softmax(beta * x)
 
 
 # name -> (normalizer instance, formula(x, head), the scale the call uses)
@@ -173,9 +165,9 @@ def test_entmax_limits():
   np.testing.assert_allclose(_row_weights(x, normalizers.Entmax(alpha=2.0)), _row_weights(x, "sparsemax"), atol=1e-6)
   np.testing.assert_allclose(_row_weights(x, normalizers.Entmax(alpha=1.5)), _row_weights(x, "entmax15"), atol=1e-6)
   near_one = _row_weights(x, normalizers.Entmax(alpha=1.01))
-  np.testing.assert_allclose(near_one, _softmax(np.array(x)), atol=5e-3)
-  assert float(jnp.abs(near_one - _softmax(np.array(x))).max()) < float(
-      jnp.abs(_row_weights(x, normalizers.Entmax(alpha=1.1)) - _softmax(np.array(x))).max())
+  np.testing.assert_allclose(near_one, formulas.softmax(np.array(x)), atol=5e-3)
+  assert float(jnp.abs(near_one - formulas.softmax(np.array(x))).max()) < float(
+      jnp.abs(_row_weights(x, normalizers.Entmax(alpha=1.1)) - formulas.softmax(np.array(x))).max())
 
 
 def test_entmax_alpha_and_input_gradients_match_finite_differences():

@@ -116,13 +116,14 @@ def test_kernel_matches_reference_full_product(implementation, name, mask, dtype
   _check(implementation, name, mask, dtype, backward=True)
 
 
+@pytest.mark.parametrize("dim", [128, 256])
 @pytest.mark.parametrize("module, platform, marker", [("tpu", "tpu", "tpu_custom_call"),
                                                       ("gpu", "cuda", "__gpu$xla.gpu.triton")])
-def test_cross_lowers_forward_and_backward(module, platform, marker):
-  """The real kernels (default tiles, not interpret mode) lower for their platform: bf16, GQA, head dim 128,
-  a window, segments, a key mask and a headwise gate, with gradients of q, k, v and the gate."""
+def test_cross_lowers_forward_and_backward(module, platform, marker, dim):
+  """The real kernels (default tiles, not interpret mode) lower for their platform: bf16, GQA, head dims 128
+  and 256, a window, segments, a key mask and a headwise gate, with gradients of q, k, v and the gate."""
   implementation = importlib.import_module(f"pallas_kernels.attention.{module}").attention
-  batch, seq, heads, kv_heads, dim = 1, 256, 4, 2, 128
+  batch, seq, heads, kv_heads = 1, 256, 4, 2
 
   def loss(q, k, v, gate, seg, key_mask):
     mask = masking.Mask(jnp.zeros((batch,), jnp.int32), seg, seg, key_mask, causal=True, window=128)

@@ -148,7 +148,8 @@ class Op:
     return (*names, "xla", *(("reference",) if "reference" in self._impls else ()))
 
   def validated(self) -> dict[str, tuple[str, ...]]:
-    """Pallas implementation -> backends where auto selection may pick it (README, "Kernels")."""
+    """Pallas implementation -> backends where auto selection may pick it (docs/architecture.md, "Dispatch";
+    the README lists them)."""
     return {i.name: tuple(sorted(i.validated_on)) for i in self._impls.values() if i.pallas}
 
   def resolve(self, implementation: str | Sequence[str] | None) -> tuple[tuple[str, ...], bool]:

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels.attention import BlockSizes, attention_op
-from experiments.benchmarks.linear_attention import time_call
-from experiments.benchmarks.machine import device_info
+from experiments.benchmarks.machine import device_info, matmul_peak, time_call
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
@@ -102,14 +101,6 @@ def visible_pairs(seq: int, window: int | None) -> int:
 def useful_flops(seq: int, window: int | None, *, backward: bool) -> float:
   forward = 4.0 * SHAPE["batch"] * SHAPE["heads"] * SHAPE["dim"] * visible_pairs(seq, window)
   return forward * (3.5 if backward else 1.0)
-
-
-def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
-  """Measured dense matmul throughput (GFLOP/s) of ``size``-square ``dtype`` matrices."""
-  a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.float32).astype(dtype) for i in (1, 2))
-  fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  seconds = min(time_call(lambda: fn(a, b), 1) for _ in range(repeats))
-  return 2.0 * size ** 3 / seconds / 1e9
 
 
 def bench_one(fn: Callable[..., jax.Array], inputs, repeats: int, seq: int, window: int | None) -> dict:

@@ -2,10 +2,10 @@
 
 Times ``pallas_kernels.linear_attention`` with a scalar per-head decay (simple GLA / RetNet / Mamba-2 form)
 and with a per-key-channel decay (GLA; arXiv 2312.06635 eq. 1), and ``pallas_kernels.delta_rule`` (Gated
-DeltaNet form, per-head decay, L2-normalised keys; arXiv 2412.06464 eq. 10) for each registered implementation that runs on this device (``reference`` token scan,
-``parallel`` quadratic form, ``xla`` chunked form; ``pallas_tpu`` / ``pallas_triton`` only on a TPU / GPU), at
-B = 1 and T = 1K..32K, in two head settings: H = 8, K = V = 128 (fla's benchmark shape) and H = 2,
-K = V = 32 (a Zoology-sized model).
+DeltaNet form, per-head decay, L2-normalised keys; arXiv 2412.06464 eq. 10) for each registered implementation
+that runs on this device (``reference`` token scan, ``parallel`` quadratic form, ``xla`` chunked form;
+``pallas_tpu`` / ``pallas_triton`` only on a TPU / GPU), at B = 1 and T = 1K..32K, in two head settings:
+H = 8, K = V = 128 (fla's benchmark shape) and H = 2, K = V = 32 (a Zoology-sized model).
 
 * Time: ``jax.jit`` of the forward (``o.sum()``-style loss) and of ``jax.value_and_grad`` w.r.t. every input;
   one warm-up call (compilation), then the median of ``--repeats`` calls, each ``block_until_ready``.
@@ -15,12 +15,17 @@ K = V = 32 (a Zoology-sized model).
   states of H x K x V floats, 4.8 GiB at T=4K for H=8, K=V=128; the quadratic form's (H, T, T[, K]) pairwise
   terms outgrow memory); combos above ``CAPS`` for the platform are skipped and listed as such in the output.
 * Ratio check: other processes may share the CPU, so after the sweep the fwd+bwd time of ``xla`` and
-  ``reference`` at ``RATIO_SEQ_LEN`` is measured ``--ratio-runs`` more times, back to back (scalar-decay
-  linear attention, both settings); each ratio is computed within one run.
+  ``reference`` at ``RATIO_SEQ_LEN`` is measured ``--ratio-runs`` more times, back to back (every case, both
+  settings); each ratio is computed within one run. ``--ratio-only`` skips the sweep.
+* Throughput: ``xla``'s fwd+bwd GFLOP/s in the ratio runs, counting the chunked form's four matmuls at chunk
+  ``C = 64`` (``2 C (K + V) + 4 K V`` FLOPs per token and head forward: scores and intra-chunk outputs, the
+  state's read and its update) and 3x that for fwd+bwd, against a dense float32 matmul peak measured in the
+  same run. The delta rule's extra work (the WY representation's triangular solve) is not counted, so its
+  figure understates the work done.
 
 Run (writes ``experiments/benchmarks/results/linear_attention_<platform>[_quick].{json,md}``):
 
-    python -m experiments.benchmarks.linear_attention [--quick] [--repeats 5] [--ratio-runs 2]
+    python -m experiments.benchmarks.linear_attention [--quick] [--repeats 5] [--ratio-runs 2] [--ratio-only]
 """
 
 from __future__ import annotations
@@ -29,8 +34,6 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels.linear_attention import delta_rule_op, linear_attention_op
-from experiments.benchmarks.machine import device_info
+from experiments.benchmarks.machine import device_info, matmul_peak, time_call
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -63,7 +66,7 @@ CAPS = {"cpu": {("reference", "linear_attention_head", "H8_D128"): 4096,
         "gpu": {"reference": 4096, "parallel": 8192}, "tpu": {"reference": 4096, "parallel": 8192}}
 OPS = {"linear_attention": linear_attention_op, "delta_rule": delta_rule_op}
 RATIO_SEQ_LEN = 4096
-RATIO_CASE = "linear_attention_head"
+FLOP_CHUNK = 64
 _PALLAS_PLATFORM = {"pallas_tpu": "tpu", "pallas_triton": "gpu"}
 
 
@@ -97,17 +100,6 @@ def loss_fn(op: str, implementation: str) -> Callable[..., jax.Array]:
   return loss
 
 
-def time_call(fn: Callable[[], object], repeats: int) -> float:
-  """Median wall time (seconds) of ``repeats`` calls after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def compile_fwd_bwd(op: str, implementation: str, inputs: dict[str, jax.Array]):
   """The compiled ``jax.value_and_grad`` of the loss w.r.t. every input."""
   return jax.jit(jax.value_and_grad(loss_fn(op, implementation))).lower(inputs).compile()
@@ -123,22 +115,30 @@ def bench_one(op: str, implementation: str, inputs: dict[str, jax.Array], repeat
           "fwd_bwd_ms": 1e3 * time_call(lambda: compiled(inputs), repeats), "memory_bytes": memory}
 
 
+def chunked_flops(seq: int, heads: int, dim: int, *, backward: bool) -> float:
+  """FLOPs of the chunked form's four matmuls at chunk ``FLOP_CHUNK`` (K = V = ``dim``; B = 1), x3 with the
+  backward."""
+  per_token = 2 * FLOP_CHUNK * (dim + dim) + 4 * dim * dim
+  return per_token * seq * heads * (3.0 if backward else 1.0)
+
+
 def ratio_runs(runs: int, repeats: int, log: Callable[[str], None] = print) -> list[dict[str, object]]:
   """``runs`` back-to-back measurements of the fwd+bwd time of ``reference`` and ``xla`` at
-  ``RATIO_SEQ_LEN`` (``RATIO_CASE``, every setting); each ratio uses times from the same run."""
-  op = CASES[RATIO_CASE][0]
+  ``RATIO_SEQ_LEN`` (every case and setting); each ratio uses times from the same run."""
   out = []
-  for setting, dims in SETTINGS.items():
-    inputs = make_inputs(RATIO_CASE, dims["batch"], RATIO_SEQ_LEN, dims["heads"], dims["dim"])
-    compiled = {impl: compile_fwd_bwd(op, impl, inputs) for impl in ("reference", "xla")}
-    for run_index in range(runs):
-      ms = {impl: 1e3 * time_call(lambda f=f: f(inputs), repeats) for impl, f in compiled.items()}
-      row = {"case": RATIO_CASE, "setting": setting, "seq_len": RATIO_SEQ_LEN, "run": run_index + 1,
-             "reference_fwd_bwd_ms": ms["reference"], "xla_fwd_bwd_ms": ms["xla"],
-             "ratio": ms["reference"] / ms["xla"]}
-      out.append(row)
-      log(f"ratio run {row['run']} {setting}: reference {ms['reference']:.1f} ms / xla {ms['xla']:.1f} ms = "
-          f"{row['ratio']:.2f}x")
+  for case, (op, _) in CASES.items():
+    for setting, dims in SETTINGS.items():
+      inputs = make_inputs(case, dims["batch"], RATIO_SEQ_LEN, dims["heads"], dims["dim"])
+      compiled = {impl: compile_fwd_bwd(op, impl, inputs) for impl in ("reference", "xla")}
+      flops = chunked_flops(RATIO_SEQ_LEN, dims["heads"], dims["dim"], backward=True)
+      for run_index in range(runs):
+        ms = {impl: 1e3 * time_call(lambda f=f: f(inputs), repeats) for impl, f in compiled.items()}
+        row = {"case": case, "setting": setting, "seq_len": RATIO_SEQ_LEN, "run": run_index + 1,
+               "reference_fwd_bwd_ms": ms["reference"], "xla_fwd_bwd_ms": ms["xla"],
+               "ratio": ms["reference"] / ms["xla"], "xla_fwd_bwd_gflops": flops / ms["xla"] / 1e6}
+        out.append(row)
+        log(f"ratio run {row['run']} {case} {setting}: reference {ms['reference']:.1f} ms / xla "
+            f"{ms['xla']:.1f} ms = {row['ratio']:.2f}x, xla {row['xla_fwd_bwd_gflops']:.1f} GFLOP/s")
   return out
 
 
@@ -206,17 +206,20 @@ def memory_growth(rows: list[dict[str, object]]) -> float | None:
 
 
 def _summary(result: dict[str, object]) -> list[str]:
-  """Headline lines: the T=RATIO_SEQ_LEN fwd+bwd ratios and the memory growth exponents of xla / parallel."""
+  """Headline lines: the T=RATIO_SEQ_LEN fwd+bwd ratios and GFLOP/s, the memory growth of xla / parallel."""
   lines = ["\n## Summary\n"]
-  for setting in SETTINGS:
-    ratios = [f"{r['ratio']:.1f}x" for r in result.get("ratio_runs", []) if r["setting"] == setting]
-    sweep = {r["implementation"]: r for r in result["rows"]
-             if (r["case"], r["setting"], r["seq_len"], r["status"]) == (RATIO_CASE, setting, RATIO_SEQ_LEN, "ok")}
-    if "reference" in sweep and "xla" in sweep:
-      ratios.insert(0, f"{sweep['reference']['fwd_bwd_ms'] / sweep['xla']['fwd_bwd_ms']:.1f}x")
-    if ratios:
-      lines.append(f"- {RATIO_CASE}, {setting}, T={RATIO_SEQ_LEN}: xla fwd+bwd is faster than reference by "
-                   + " / ".join(ratios) + " (sweep, then the ratio runs; each ratio from one run).")
+  peak = result.get("matmul_peak_gflops")
+  for case in CASES:
+    for setting in SETTINGS:
+      runs = [r for r in result.get("ratio_runs", []) if (r["case"], r["setting"]) == (case, setting)]
+      if runs:
+        ratios = " / ".join(f"{r['ratio']:.1f}x" for r in runs)
+        rates = " / ".join(f"{r['xla_fwd_bwd_gflops']:.1f}" for r in runs)
+        share = f" = {max(r['xla_fwd_bwd_gflops'] for r in runs) / peak:.0%} of the peak at best" if peak else ""
+        lines.append(f"- {case}, {setting}, T={RATIO_SEQ_LEN}: xla fwd+bwd is faster than reference by {ratios} "
+                     f"(one ratio per run); xla {rates} GFLOP/s{share}.")
+  if peak:
+    lines.append(f"- Dense float32 matmul peak measured in the same run: {peak:.1f} GFLOP/s.")
   for impl, expect in (("xla", "linear"), ("parallel", "quadratic")):
     slopes = [memory_growth([r for r in result["rows"] if (r["case"], r["setting"], r["implementation"])
                              == (case, setting, impl)]) for case in CASES for setting in SETTINGS]
@@ -242,13 +245,14 @@ def to_markdown(result: dict[str, object]) -> str:
   lines += _summary(result)
   lines += [f"- Note: {note}" for note in result.get("notes", [])]
   if result.get("ratio_runs"):
-    lines.append(f"\n## fwd+bwd ratio reference / xla at T={RATIO_SEQ_LEN} ({RATIO_CASE}, B=1)\n")
-    lines.append("Measured back to back after the sweep; each ratio uses times from one run.\n")
-    lines.append("| setting | run | reference fwd+bwd ms | xla fwd+bwd ms | ratio |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(f"\n## fwd+bwd ratio reference / xla at T={RATIO_SEQ_LEN} (B=1)\n")
+    lines.append("Measured back to back; each ratio uses times from one run.\n")
+    lines.append("| case | setting | run | reference fwd+bwd ms | xla fwd+bwd ms | ratio | xla GFLOP/s |")
+    lines.append("|---|---|---|---|---|---|---|")
     for r in result["ratio_runs"]:
-      lines.append(f"| {r['setting']} | {r['run']} | {r['reference_fwd_bwd_ms']:.1f} | {r['xla_fwd_bwd_ms']:.1f} "
-                   f"| {r['ratio']:.2f}x |")
+      lines.append(f"| {r['case']} | {r['setting']} | {r['run']} | {r['reference_fwd_bwd_ms']:.1f} | "
+                   f"{r['xla_fwd_bwd_ms']:.1f} | {r['ratio']:.2f}x | "
+                   f"{r.get('xla_fwd_bwd_gflops', float('nan')):.1f} |")
   growth = []
   for case in CASES:
     for setting in SETTINGS:
@@ -296,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--max-seq-len", type=int, default=max(SEQ_LENS), help="longest T to run")
   parser.add_argument("--ratio-runs", type=int, default=2,
                       help=f"back-to-back reference/xla fwd+bwd measurements at T={RATIO_SEQ_LEN} (0: none)")
+  parser.add_argument("--ratio-only", action="store_true", help="skip the sweep: only the ratio runs")
+  parser.add_argument("--note", action="append", default=[], help="a line for the markdown (run conditions)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="results directory")
   parser.add_argument("--render", type=pathlib.Path, default=None,
                       help="only rewrite the .md next to this results .json (no measurement; renders its "
@@ -312,16 +318,21 @@ def main(argv: list[str] | None = None) -> None:
   seq_lens = tuple(t for t in (QUICK_SEQ_LENS if args.quick else SEQ_LENS) if t <= args.max_seq_len)
   if not seq_lens:
     raise ValueError(f"--max-seq-len: got {args.max_seq_len}; allowed: at least {min(SEQ_LENS)}")
-  stem = f"linear_attention_{device_info()['platform']}" + ("_quick" if args.quick else "")
+  stem = (f"linear_attention_{device_info()['platform']}" + ("_quick" if args.quick else "")
+          + ("_ratios" if args.ratio_only else ""))
   args.out.mkdir(parents=True, exist_ok=True)
 
   def write(result: dict[str, object]) -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(result))
 
-  result = run(seq_lens, repeats, on_row=write)
+  if args.ratio_only and not args.ratio_runs:
+    raise ValueError("--ratio-only: needs --ratio-runs >= 1")
+  result = (_result(device_info(), repeats, []) if args.ratio_only else run(seq_lens, repeats, on_row=write))
+  result["notes"] = list(args.note)
   write(result)
   if args.ratio_runs:
+    result["matmul_peak_gflops"] = matmul_peak(jnp.float32)
     result["ratio_runs"] = ratio_runs(args.ratio_runs, repeats)
     write(result)
   print(f"wrote {args.out / stem}.json and .md")

@@ -1,9 +1,13 @@
-"""The machine a benchmark's numbers belong to (written into every results file)."""
+"""The machine a benchmark's numbers belong to (written into every results file), and the two measurements
+every benchmark shares: a call's median wall time and the dense matmul peak that throughputs are quoted against."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -26,3 +30,25 @@ def device_info() -> dict[str, Any]:
   return {"platform": device.platform, "device_kind": device.device_kind, "num_devices": jax.device_count(),
           "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
           "jax": jax.__version__}
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time (seconds) of ``repeats`` calls after one warm-up call."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
+  """Measured dense matmul throughput (GFLOP/s) of ``size``-square ``dtype`` matrices (best of ``repeats``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.float32).astype(dtype) for i in (1, 2))
+  fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  seconds = min(time_call(lambda: fn(a, b), 1) for _ in range(repeats))
+  return 2.0 * size ** 3 / seconds / 1e9

@@ -154,7 +154,8 @@ def train_case(layout: str, steps_per_interval: int, intervals: int) -> dict[str
   mesh, _ = TRAIN_LAYOUTS[layout]
   steps = steps_per_interval * (intervals + 1)
   config = apply_overrides(moe.get_config("tiny"), {
-      "data.batch_size": 16, "train.steps": steps, "optim.warmup_steps": 0, "train.log_every": steps_per_interval, "train.eval_every": steps,
+      "data.batch_size": 16, "train.steps": steps, "optim.warmup_steps": 0,
+      "train.log_every": steps_per_interval, "train.eval_every": steps,
       "train.eval_batches": 1, "train.checkpoint_every": steps, "train.diagnostics": False, "train.progress": False,
       "train.tensorboard": False, "mesh.data": 1, **{f"mesh.{a}": s for a, s in mesh.items()}})
   result = train(config, workdir=None)

@@ -1,4 +1,4 @@
-"""Shared machinery of the one-command paper tables (DESIGN.md, "Experiments").
+"""Shared machinery of the one-command paper tables (docs/architecture.md, "Experiments").
 
 A table module declares one ``Table``: the paper and its claims, the grid of runs (variant -> config
 overrides, plus per-scale overrides of the base config), the metrics, the paper's reported numbers and a

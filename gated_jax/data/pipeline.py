@@ -1,4 +1,4 @@
-"""grain pipelines from a ``SOURCES`` entry to per-process batches (DESIGN.md, "Training" / "Data").
+"""grain pipelines from a ``SOURCES`` entry to per-process batches (docs/architecture.md, "Data").
 
 Train: the source's ``train`` split shuffled by ``seed`` (a fresh permutation every epoch) and repeated
 forever defines a sequence of *global* batches of ``data.batch_size`` examples; process ``p`` of ``n`` reads

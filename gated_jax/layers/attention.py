@@ -17,7 +17,7 @@ Normalizers with learnable parameters (the op takes them as arrays):
 * ``"ssmax"`` (arXiv 2501.19399 eq. 2): a per-head ``s`` (the paper learns one per layer and head),
   initialised to ``1 / log(max_len)`` so that ``s·log n = 1`` at the longest configured context, i.e. the
   layer starts as softmax there [derived].
-* ``"selective"`` (Zhang et al., NeurIPS 2024, reference/attention.md §8.1): the position-aware temperature
+* ``"selective"`` (Zhang et al., NeurIPS 2024, arXiv 2411.12892): the position-aware temperature
   of the official code, logits × ``(1 + e^{-e^β}·log n_i)``, with ``β`` per head initialised to 1.5 (the
   official GPT-2 pretraining value; the official code has one ``β`` per layer).
 * ``"sigmoid"`` (arXiv 2409.04431 §3): the bias is ``-log(max_len)``, the maximum training length (as in

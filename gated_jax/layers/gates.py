@@ -46,7 +46,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "identity": lambda x: x,
     "spike": lambda x: spike(Surrogate("atan", 2.0), x, jnp.ones((), jnp.float32)),
 }
-INIT_STDDEV = 0.02  # N(0, 0.02), zero biases: the official code's initializer_range (reference §1.4).
+INIT_STDDEV = 0.02  # N(0, 0.02), zero biases: the official code's initializer_range
+# (Qiu et al., arXiv 2505.06708).
 
 
 def _choice(name: str, value: Any, allowed) -> None:

@@ -1,6 +1,6 @@
 """mLSTM (xLSTM, Beck et al. arXiv 2405.04517 eq. 19-27) as one ``pallas_kernels.linear_attention`` call.
 
-The stabilised recurrence (paper eq. 15-17 and 19-27; reference/linear_attention.md §1.12)
+The stabilised recurrence (arXiv 2405.04517 eq. 15-17 and 19-27)
 
     m_t = max(log f_t + m_{t-1}, i_t),   f' = exp(log f_t + m_{t-1} - m_t),   i' = exp(i_t - m_t)
     C_t = f' C_{t-1} + i' k_t v_t^T,     n_t = f' n_{t-1} + i' k_t

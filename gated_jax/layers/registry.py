@@ -1,4 +1,4 @@
-"""Name -> class registries that make a new variant one registry entry (DESIGN.md, "Modules").
+"""Name -> class registries that make a new variant one registry entry (docs/architecture.md, "Modules").
 
 ``MIXERS`` holds sequence mixers (softmax attention variants, linear-attention family, spiking, ...);
 ``MLPS`` holds channel mixers (GLU family, MoE). Each family module registers its classes at import:

@@ -249,7 +249,7 @@ class DecoderLM(nn.Module):
     if self.skip_middle is None:
       return None
     spec = SkipMiddleSpec.from_mapping(self.skip_middle, self.num_layers)
-    for name in _as_names(self.mixer):
+    for name in layer_names(self.mixer):
       if not getattr(MIXERS.get(name), "accepts_key_weights", False):
         raise ValueError(f"mixer: got {name!r} with skip_middle; allowed: mixers that accept key_weights (hiding "
                          "skipped tokens from later attention), e.g. 'gated_attention'")

@@ -1,4 +1,4 @@
-"""Training: ``train(config, workdir)`` and its parts (DESIGN.md, "Training").
+"""Training: ``train(config, workdir)`` and its parts (docs/architecture.md, "Training").
 
 ``loop.py`` the loop; ``step.py`` the jitted steps; ``sharding.py`` the mesh and logical-axis rules;
 ``checkpoint.py`` orbax checkpoints; ``optim.py`` the optax optimiser; ``flops.py`` MFU; ``writers.py``

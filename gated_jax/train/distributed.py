@@ -1,4 +1,4 @@
-"""Multi-host start-up: ``jax.distributed.initialize`` from ``config.distributed`` (DESIGN.md, "Training").
+"""Multi-host start-up: ``jax.distributed.initialize`` from ``config.distributed`` (docs/architecture.md, "Training").
 
 On Cloud TPU pods, Slurm, Kubernetes and GCE every field may stay None: jax detects the coordinator, the
 process count and this process's id; launch the same command on every host (``--worker=all``). Elsewhere

@@ -1,4 +1,4 @@
-"""``train(config, workdir)``: the training loop of every gated_jax experiment (DESIGN.md, "Training").
+"""``train(config, workdir)``: the training loop of every gated_jax experiment (docs/architecture.md, "Training").
 
 One function runs on one CPU, one GPU or a TPU pod slice unchanged:
 

@@ -1,4 +1,4 @@
-"""The device mesh and the one table that maps logical axis names to it (DESIGN.md, "Training").
+"""The device mesh and the one table that maps logical axis names to it (docs/architecture.md, "Training").
 
 Mesh axes, in order: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data parallelism
 with ZeRO-3 parameter and optimizer-state sharding over the ``embed`` axis), ``tensor`` (Megatron-style

@@ -270,7 +270,7 @@ class Stablemax(Normalizer):
 
 @_pytree
 class Relu(Normalizer):
-  """ReLA: P = relu(logits), no normalisation; masked keys give 0 (Zhang et al., EMNLP 2021, §8.3)."""
+  """ReLA: P = relu(logits), no normalisation; masked keys give 0 (Zhang et al., EMNLP 2021, arXiv 2104.07012)."""
   name: ClassVar[str] = "relu"
   normalized: ClassVar[bool] = False
 
@@ -314,7 +314,8 @@ class SelfAdjust(Normalizer):
 
 
 class _SortBased(Normalizer):
-  """Exact sort-based projections (Martins & Astudillo 2016; Peters et al. 2019, §8.2): reference only."""
+  """Exact sort-based projections (Martins & Astudillo 2016, arXiv 1602.02068;
+  Peters et al. 2019, arXiv 1905.05702): reference only."""
   blockwise: ClassVar[bool] = False
   kernel_supported: ClassVar[bool] = False
 

@@ -1,9 +1,10 @@
 """Gated linear attention and the (gated) delta rule: public ops, argument checks, registry.
 
-Both ops share one state convention (DESIGN.md): layout ``(batch, seq, heads, dim)``; ``k``/``v`` may have
-fewer heads than ``q`` (GQA: key/value head ``h // (H / KV)`` serves query head ``h``; the state is per query
-head, and no implementation but ``reference`` copies k or v); decays are natural-log values <= 0 (``-inf``
-allowed: the state is emptied); the recurrent state is ``(batch, heads, key_dim, value_dim)`` float32.
+Both ops share one state convention (docs/architecture.md, "Kernels"): layout ``(batch, seq, heads, dim)``;
+``k``/``v`` may have fewer heads than ``q`` (GQA: key/value head ``h // (H / KV)`` serves query head ``h``; the
+state is per query head, and no implementation but ``reference`` copies k or v); decays are natural-log values
+<= 0 (``-inf`` allowed: the state is emptied); the recurrent state is ``(batch, heads, key_dim, value_dim)``
+float32.
 
 ``linear_attention`` (GLA, arXiv 2312.06635 eq. 1; RetNet arXiv 2307.08621; Mamba-2 SSD):
 

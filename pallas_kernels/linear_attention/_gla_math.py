@@ -24,10 +24,12 @@ per-step log decays (a reverse cumulative sum, by autodiff).
 Intra-chunk scores ``A`` with every exponent <= 0 ("secondary chunking"): the chunk is cut into sub-chunks;
 an off-diagonal pair (query sub-chunk ``I`` after key sub-chunk ``J``) factorises around a row ``r`` between
 them, ``exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)``, and runs as a matmul; diagonal pairs need the
-pairwise exponent. :func:`channel_scores` (batched arrays, the ``xla`` backend) takes ``r`` = the first row of
-``I`` and computes the diagonal sub-chunks diagonal by diagonal (offset ``d``: a ``(C, K)`` product with
-``exp(G_i - G_{i-d})``), never a ``(sub, sub, K)`` pairwise tensor; :class:`BlockScores` (kernels: 16-row
-blocks loaded from refs) loops over the key columns of a diagonal block, as flash-linear-attention does.
+pairwise exponent. On batched arrays (the ``xla`` backend) :class:`ChannelScores` picks, per call, either one
+matmul around the chunk's middle row (mild decays, :class:`_MidScores`) or :class:`SecondaryChunkScores`, which
+computes the diagonal sub-chunks diagonal by diagonal (offset ``d``: a ``(C, K)`` product with
+``exp(G_i - G_{i-d})``) and the rest by recursive halving, never a ``(sub, sub, K)`` pairwise tensor;
+:class:`BlockScores` (kernels: 16-row blocks loaded from refs) loops over the key columns of a diagonal block,
+as flash-linear-attention does.
 """
 
 from __future__ import annotations

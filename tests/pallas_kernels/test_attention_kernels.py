@@ -117,23 +117,21 @@ def test_kernel_matches_reference_full_product(implementation, name, mask, dtype
   _check(implementation, name, mask, dtype, backward=True)
 
 
-@pytest.mark.parametrize("module, platform, marker, normalizer", [
-    ("tpu", "tpu", "tpu_custom_call", normalizers.Softpick()),
-    ("gpu", "cuda", "__gpu$xla.gpu.triton", normalizers.Softpick()),
-    pytest.param("tpu", "tpu", "tpu_custom_call", normalizers.LSSA(), marks=pytest.mark.slow),
-    pytest.param("gpu", "cuda", "__gpu$xla.gpu.triton", normalizers.LSSA(), marks=pytest.mark.slow),
-])
-def test_cross_lowers_forward_and_backward(module, platform, marker, normalizer):
-  """The real kernels (default tiles, not interpret mode) lower for their platform: bf16, GQA, head dim 128,
-  a window, segments, a key mask and a headwise gate, with gradients of q, k, v and the gate (softpick by
-  default; LSSA's softplus in the slow run)."""
+@pytest.mark.parametrize("normalizer", [normalizers.Softpick(),
+                                        pytest.param(normalizers.LSSA(), marks=pytest.mark.slow)], ids=["softpick", "lssa"])
+@pytest.mark.parametrize("dim", [128, 256])
+@pytest.mark.parametrize("module, platform, marker", [("tpu", "tpu", "tpu_custom_call"),
+                                                      ("gpu", "cuda", "__gpu$xla.gpu.triton")])
+def test_cross_lowers_forward_and_backward(module, platform, marker, dim, normalizer):
+  """The real kernels (default tiles, not interpret mode) lower for their platform: bf16, GQA, head dims 128
+  and 256, a window, segments, a key mask and a headwise gate, with gradients of q, k, v and the gate
+  (softpick by default; LSSA's softplus in the slow run)."""
   implementation = importlib.import_module(f"pallas_kernels.attention.{module}").attention
-  batch, seq, heads, kv_heads, dim = 1, 256, 4, 2, 128
+  batch, seq, heads, kv_heads = 1, 256, 4, 2
 
   def loss(q, k, v, gate, seg, key_mask):
     mask = masking.Mask(jnp.zeros((batch,), jnp.int32), seg, seg, key_mask, causal=True, window=128)
-    o = implementation(q, k, v, normalizer=normalizer, mask=mask, q_scale=jnp.full((batch, seq, heads),
-                                                                                               dim ** -0.5),
+    o = implementation(q, k, v, normalizer=normalizer, mask=mask, q_scale=jnp.full((batch, seq, heads), dim ** -0.5),
                        gate=gate, block_sizes=None)
     return jnp.sum(o.astype(jnp.float32))
 

@@ -1,5 +1,6 @@
 """Each normalizer's reference against its formula written directly in NumPy (float64), the mask semantics,
-and the numerical facts of reference/attention.md §11."""
+and a worked example: the weights that softmax, StableMax (arXiv 2501.04697 eq. 6), sparsemax (arXiv 1602.02068
+eq. 2) and 1.5-entmax (arXiv 1905.05702 eq. 10) give the scores (-2, 0, 0.5)."""
 
 import math
 import os
@@ -108,7 +109,7 @@ def _weights(scores, normalizer):
     ("sparsemax", [0.0, 0.25, 0.75]),
     ("entmax15", [0.0, 0.326, 0.674]),
 ])
-def test_section_11_facts(name, expected):
+def test_worked_example_weights(name, expected):
   np.testing.assert_allclose(_weights([-2.0, 0.0, 0.5], name), expected, atol=1e-3)
 
 

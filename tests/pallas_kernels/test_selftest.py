@@ -2,12 +2,12 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import selftest
-from pallas_kernels.linear_attention import selftest_cases
+from pallas_kernels import grouped_matmul, selftest
 
 
 def test_relative_error_is_zero_for_equal_and_inf_for_nan():
@@ -17,16 +17,20 @@ def test_relative_error_is_zero_for_equal_and_inf_for_nan():
   assert selftest.relative_error(jnp.array([np.nan]), jnp.array([1.0])) == float("inf")
 
 
-def test_a_wrong_kernel_fails_and_an_unavailable_one_is_skipped(monkeypatch):
-  case = selftest_cases.CASES[0]
-  broken = selftest.Case(case.op, "broken", lambda q, k, v, d, implementation: case.fn(
-      q * (1.0 if implementation == "reference" else 1.5), k, v, d, implementation="xla"), case.make_inputs,
-      case.grad_argnums, case.tolerance)
-  row = selftest.check(broken, "pallas_triton")
+def _tiny_gmm_inputs(key):
+  kl, kr = jax.random.split(key)
+  return jax.random.normal(kl, (16, 8)), jax.random.normal(kr, (3, 8, 4)), jnp.array([5, 0, 11], jnp.int32)
+
+
+def test_a_wrong_kernel_fails_and_an_unavailable_one_is_skipped():
+  def wrong(lhs, rhs, sizes, implementation):  # the "kernel" scales its input: a 50% error
+    return grouped_matmul(lhs * (1.0 if implementation == "reference" else 1.5), rhs, sizes, implementation="xla")
+  row = selftest.check(selftest.Case("grouped_matmul", "broken", wrong, _tiny_gmm_inputs, (0, 1), 1e-4),
+                       "pallas_triton")
   assert row.status == "FAIL" and row.forward_error > 0.1
   def refuse(*args, implementation):
     raise NotImplementedError("not on this machine")
-  skipped = selftest.check(selftest.Case(case.op, "refuses", refuse, case.make_inputs), "pallas_tpu")
+  skipped = selftest.check(selftest.Case("grouped_matmul", "refuses", refuse, _tiny_gmm_inputs), "pallas_tpu")
   assert skipped.status == "SKIP" and "not on this machine" in skipped.message
 
 

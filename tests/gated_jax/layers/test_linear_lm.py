@@ -31,7 +31,12 @@ def next_token_loss(model, params, tokens_BT):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT[:, 1:]))
 
 
-@pytest.mark.parametrize("mixer", CAUSAL_MIXERS)
+# Default run: one mixer per recurrence kind (per-channel decay, delta rule, mLSTM's normaliser); -m slow: all.
+TRAINED_BY_DEFAULT = ("gla", "gated_deltanet", "mlstm")
+
+
+@pytest.mark.parametrize("mixer", [m if m in TRAINED_BY_DEFAULT else pytest.param(m, marks=pytest.mark.slow)
+                                   for m in CAUSAL_MIXERS])
 def test_mixer_trains_in_decoder_lm(mixer):
   """One block, no MLP: only the mixer can map the current (and previous) token to the next one."""
   model = lm_from_config(dict(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=2, mixer=mixer, mlp="none",

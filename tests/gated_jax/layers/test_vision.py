@@ -129,7 +129,9 @@ def test_vig_locality_gate_and_bidirectional_gla():
       score = np.einsum("bhk,bhk->bh", q[:, t] * decay, k[:, j]) / np.sqrt(q.shape[-1]) / 2
       o[:, t] += score[..., None] * v[:, j]
   gate = _sigmoid(np.einsum("bnd,dhk->bnhk", local, g["locality_gate"]["kernel"]) + g["locality_gate"]["bias"])
-  blended = gate * _rms(o, g["o_norm"]["scale"]) + (1 - gate) * _rms(local.reshape(o.shape), g["local_norm"]["scale"])
+  eps = 1e-5  # the linear mixers' norm_eps (fla's)
+  blended = (gate * _rms(o, g["o_norm"]["scale"], eps)
+             + (1 - gate) * _rms(local.reshape(o.shape), g["local_norm"]["scale"], eps))
   want = np.einsum("bnhk,hkd->bnd", blended, g["o_proj"]["kernel"])
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
 

@@ -138,17 +138,18 @@ def _evaluate(config: ml_collections.ConfigDict, params, key) -> dict[str, float
 
   @functools.partial(jax.jit, static_argnums=(1,))
   def chunk_sums(key, n):
-    items, valid, onehot, target = sample_sets(key, EVAL_CHUNK, n, n, n)
+    items, valid, onehot, target = sample_sets(key, chunk, n, n, n)
     logits, weight, spread = model.apply({"params": params}, items, valid, onehot)
     bound = 1.0 / (1.0 + (n - 1) * jnp.exp(-spread))  # e^δ / (e^δ + n - 1), without overflow
     return jnp.stack([jnp.sum(jnp.argmax(logits, -1) == target), weight.sum(), spread.sum(), bound.sum()])
 
   metrics = {}
-  chunks = -(-config.eval_sets // EVAL_CHUNK)
+  chunk = min(EVAL_CHUNK, config.eval_sets)
+  chunks = -(-config.eval_sets // chunk)
   for n in config.test_sizes:
     sums = sum(np.asarray(chunk_sums(jax.random.fold_in(key, 1000 * n + c), int(n)), np.float64)
                for c in range(chunks))
-    total = chunks * EVAL_CHUNK
+    total = chunks * chunk
     metrics.update({f"{kind}_{n}": value / total for kind, value in zip(("accuracy", "weight", "spread", "bound"),
                                                                           sums)})
   return metrics
@@ -172,8 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
 VARIANTS = {"softmax": {"normalizer": "softmax"}, "adaptive": {"normalizer": "adaptive_temperature"}}
 
 SCALES = {
-    "micro": {"steps": 20, "log_every": 10, "batch_size": 16, "width": 16, "eval_sets": EVAL_CHUNK,
-              "test_sizes": [16, 1024]},
+    "micro": {"steps": 10, "log_every": 10, "batch_size": 8, "width": 8, "eval_sets": 32, "test_sizes": [16]},
     "tiny": {},
     "small": {"width": 128, "steps": 20_000, "test_sizes": list(TEST_SIZES) + [2048, 4096]},
     "paper": {"width": 256, "steps": 100_000, "test_sizes": list(TEST_SIZES) + [2048, 4096, 8192, 16384]},

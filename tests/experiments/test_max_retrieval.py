@@ -1,5 +1,5 @@
 """Tests for the max-retrieval table (experiments/tables/max_retrieval.py): the sampled sets, the claims on
-constructed means, and a micro reproduction (the softmax row obeys the dispersion bound)."""
+constructed means, and a micro reproduction at n = 16 (the softmax row obeys the dispersion bound)."""
 
 import json
 
@@ -13,7 +13,8 @@ from experiments.tables import max_retrieval as table_module
 
 
 def test_sampled_sets_target_the_max_visible_item():
-  items, valid, onehot, target = table_module.sample_sets(jax.random.PRNGKey(0), 64, 3, 9, 12)
+  sample = jax.jit(table_module.sample_sets, static_argnums=(1, 2, 3, 4))
+  items, valid, onehot, target = sample(jax.random.PRNGKey(0), 64, 3, 9, 12)
   items, valid, onehot, target = (np.asarray(x) for x in (items, valid, onehot, target))
   counts = valid.sum(1)
   assert counts.min() >= 3 and counts.max() <= 9 and np.all(valid[:, 0]) and not np.any(valid[:, 9:])
@@ -53,9 +54,8 @@ def test_micro_reproduction(tmp_path):
   assert runs["softmax"]["history"] == runs["adaptive"]["history"]  # one training, two inference rules
   for row in runs.values():
     m = row["metrics"]
-    assert set(m) == {f"{kind}_{n}" for kind in ("accuracy", "weight", "spread", "bound") for n in (16, 1024)}
-    assert all(0 <= m[k] <= 1 for k in m if not k.startswith("spread")) and m["spread_1024"] > m["spread_16"] > 0
+    assert set(m) == {f"{kind}_16" for kind in ("accuracy", "weight", "spread", "bound")}
+    assert all(0 <= m[k] <= 1 for k in m if not k.startswith("spread")) and m["spread_16"] > 0
   softmax = runs["softmax"]["metrics"]
-  assert softmax["weight_1024"] <= softmax["bound_1024"] and softmax["weight_16"] <= softmax["bound_16"]
-  assert softmax["weight_1024"] < softmax["weight_16"]
+  assert softmax["weight_16"] <= softmax["bound_16"]  # the dispersion bound holds for softmax
   assert "| adaptive |" in text and "**c**" in text

@@ -115,13 +115,13 @@ def test_formulas_differ_where_they_should():
   assert np.sum((weights == 0) & visible) > 0
 
 
-@pytest.mark.parametrize("name, dtype", [("adaptive_temperature", jnp.bfloat16),
-                                         pytest.param("lssa", jnp.bfloat16, marks=pytest.mark.slow),
-                                         pytest.param("adaptive_temperature", jnp.float32, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dtype", [("adaptive_temperature", jnp.bfloat16), ("lssa", jnp.bfloat16),
+                                         ("adaptive_temperature", jnp.float32)])
 def test_xla_matches_reference_forward_and_gradients(name, dtype):
   """Several query and key blocks (T = 21, S = 37 with 8 x 16 tiles), GQA, segments and the empty row, with
-  logits spread wide enough that the adaptive temperature is above 1 on some rows and 1 on others (float32 in
-  the default run: tests/pallas_kernels/test_attention.py covers every blockwise normalizer)."""
+  logits spread wide enough that the adaptive temperature is above 1 on some rows and 1 on others (slow; the
+  default run has float32 in tests/pallas_kernels/test_attention.py, which covers every blockwise normalizer)."""
   q, k, v = _inputs(dtype, seq=21, keys=37, spread=3.0)
   segments = (jnp.asarray(np.r_[[0, 0, 7], [1] * 18][None].repeat(BATCH, 0)),
               jnp.asarray(np.r_[[0] * 15, [1] * 22][None].repeat(BATCH, 0)))
@@ -205,6 +205,7 @@ def test_sinkhorn_matches_numpy_and_converges_to_doubly_stochastic():
                                                       implementation="reference"), softmax, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sinkhorn_key_mask():
   """Masked keys get 0 and the visible columns share the mass of the rows (8 rows over 6 keys: 4/3 each)."""
   q, k, v = _inputs(seq=8, keys=8)

@@ -10,8 +10,9 @@ Each variant trains its model (``gated_jax.train.train``), freezes it, and runs 
   CHG on training batches, ablations on the validation batches. Contrastive CHG retains the corpus and
   forgets an induction task (random 20-byte strings repeated; loss on the repeats), and we report how much
   the contrastive mask raises each set's NLL.
-* ``mqar``: the MQAR model of ``experiments/configs/mqar.py`` (2 MLP-free layers, sequence 64, 4 pairs) with
-  4 heads of 16 instead of 1, so that heads can be told apart; loss on the query positions only.
+* ``mqar``: the MQAR task of ``experiments/configs/mqar.py`` (2 MLP-free layers, sequence 64, 8 pairs) with
+  both layers softmax attention (the MQAR table's model puts a BaseConv first, which has no heads to gate)
+  and 4 heads of 16 instead of 1, so that heads can be told apart; loss on the query positions only.
 
 CHG runs the authors' three stages (λ = 0, then ±0.1 from the λ = 0 fit; Adam at learning rate 1, gradient
 clip 1, logits clipped at ±4 in the regulariser) and labels every head facilitating / interfering / irrelevant

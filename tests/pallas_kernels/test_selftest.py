@@ -34,13 +34,20 @@ def test_a_wrong_kernel_fails_and_an_unavailable_one_is_skipped():
   assert skipped.status == "SKIP" and "not on this machine" in skipped.message
 
 
-def test_main_checks_a_kernel_in_interpret_mode_and_writes_json(tmp_path, capsys):
+def test_main_checks_a_kernel_in_interpret_mode_and_writes_json(tmp_path, capsys, monkeypatch):
+  """The CLI on a real kernel (the Triton grouped matmul in interpret mode) with one tiny case, so the test costs
+  seconds; the full cases run on hardware."""
+  def gmm(lhs, rhs, sizes, implementation):
+    return grouped_matmul(lhs, rhs, sizes, implementation=implementation)
+  tiny = selftest.Case("grouped_matmul", "tiny", gmm, _tiny_gmm_inputs, (0, 1), 1e-4)
+  monkeypatch.setattr(selftest, "cases", lambda ops=None: (tiny,) if ops == ["grouped_matmul"] else ())
   out = tmp_path / "rows.json"
-  code = selftest.main(["--interpret", "--op", "delta_rule", "--implementation", "pallas_triton",
+  code = selftest.main(["--interpret", "--op", "grouped_matmul", "--implementation", "pallas_triton",
                         "--json", str(out)])
   assert code == 0
   rows = json.loads(out.read_text())["rows"]
-  assert [r["status"] for r in rows] == ["PASS"] and rows[0]["gradient_error"] < 1e-4
+  assert [(r["implementation"], r["status"]) for r in rows] == [("pallas_triton", "PASS")]
+  assert rows[0]["gradient_error"] < 1e-4
   assert "1 PASS" in capsys.readouterr().out
 
 

@@ -81,7 +81,7 @@ def test_gateskip_budget_sweep_on_a_fresh_model():
   assert np.isfinite(m["loss_gate_50"]) and np.isfinite(m["loss_random_50"])
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")
 def test_gateskip_runner_micro(tmp_path):
   record = common.run_one(tables.get("gateskip"), "micro", "gateskip L4", 0, tmp_path)
   m = record["metrics"]
@@ -89,7 +89,7 @@ def test_gateskip_runner_micro(tmp_path):
   assert m["gateskip_skipped"] == 0.0 and m["aux/gateskip_sparsity"] > 0  # the trainer's eval: rule "none"
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")
 def test_head_gating_runner_micro(tmp_path):
   table = tables.get("head_gating")
   record = common.run_one(table, "micro", "lm", 0, tmp_path)

@@ -29,7 +29,7 @@ def test_moe_routers_declares_every_router_at_equal_active_parameters():
     assert set(claim.variants) <= set(table.variants) and "expert_choice" not in claim.variants
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")
 def test_moe_routers_micro_end_to_end(tmp_path):
   table = tables.get("moe_routers")
   text = common.reproduce(table, scale="micro", out=tmp_path, log=lambda _: None)

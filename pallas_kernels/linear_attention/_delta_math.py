@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention import _gla_math
-from pallas_kernels.linear_attention._tiles import (as_col, causal_mask, iota, last_row_mask, mm, mm_nt, mm_tn,
-                                                    wide)
+from pallas_kernels.linear_attention._tiles import (as_col, causal_mask, col_sum, iota, last_row_mask, mm, mm_nt,
+                                                    mm_tn, row_dot, row_sum, wide)
 
 _F32 = jnp.float32
 
@@ -140,17 +140,15 @@ def grads(q, k, v, beta, G, G_last, state_VK, delta, d_delta, dstate_VK, do, dty
   dk = (mm_tn(d_qk * D, q, w_dtype) + mm(d_kk, k, w_dtype) + mm_tn(d_kk, k, w_dtype) + x_w_factor * dx_w
         + _gla_math.key_to_end(dk_end, G, G_last))
   dv = beta * dx_u
-  row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=True)
-  dbeta = row_sum(_gla_math.decayed(k32, G) * dx_w) + row_sum(v32 * dx_u) + row_sum(dA * kk * D)
+  dbeta = row_dot(_gla_math.decayed(k32, G), dx_w) + row_dot(v32, dx_u) + row_dot(dA * D, kk)
   if G is None:
     return dq, dk, dv, dbeta, None
   d_pairs = (d_qk * qk + dA * beta * kk) * D  # d/dG_i - d/dG_j of D_ij
-  to_end = _gla_math.key_to_end(row_sum(k32 * dk_end), G, G_last)
-  d_carry = jnp.exp(G_last) * jnp.sum(jnp.sum(state_VK * dstate_VK, axis=-1, keepdims=True), axis=-2,
-                                      keepdims=True)
-  d_start = jnp.exp(G) * (row_sum(q32 * dq_state) + row_sum(beta * k32 * dx_w))
+  to_end = _gla_math.key_to_end(row_dot(k32, dk_end), G, G_last)
+  d_carry = jnp.exp(G_last) * col_sum(row_dot(state_VK, dstate_VK))
+  d_start = jnp.exp(G) * (row_dot(q32, dq_state) + beta * row_dot(k32, dx_w))
   d_last = jnp.sum(to_end, axis=-2, keepdims=True) + d_carry
-  dG = (row_sum(d_pairs) - as_col(jnp.sum(d_pairs, axis=-2, keepdims=True)) + d_start - to_end
+  dG = (row_sum(d_pairs) - as_col(col_sum(d_pairs)) + d_start - to_end
         + jnp.where(last_row_mask(chunk), d_last, 0.0))
   return dq, dk, dv, dbeta, dG
 

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention._tiles import (as_row, causal_mask, iota, last_row_mask, masked_exp, mm,
-                                                    mm_nt, mm_tn, precision, wide)
+from pallas_kernels.linear_attention._tiles import (as_row, causal_mask, col_dot, iota, last_row_mask, masked_exp,
+                                                    mm, mm_nt, mm_tn, precision, row_dot, wide)
 
 # ---- the inter-chunk terms (whole chunks or tiles of K / V) ------------------------------------------------
 
@@ -85,7 +85,7 @@ def inter_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, dtype):
   dq = decayed(mm(do, state_VK, dtype), G)
   dk = key_to_end(mm(v, dstate_VK, dtype), G, G_last)
   dv = mm_nt(key_to_end(k, G, G_last), dstate_VK, dtype)
-  d_last = None if G is None else reduce_to(jnp.sum(k.astype(jnp.float32) * dk, axis=-2, keepdims=True), G)
+  d_last = None if G is None else reduce_to(col_dot(k, dk), G)
   return dq, dk, dv, d_last
 
 
@@ -93,15 +93,18 @@ def carry_grad(G_last, state_VK, dstate_VK):
   """The carry's part of ``dG`` on the last row: ``exp(G_C) * sum_v S * dS'`` ``(1, K')``."""
   if G_last is None:
     return None
-  return reduce_to(jnp.exp(G_last) * jnp.sum(state_VK * dstate_VK, axis=-2, keepdims=True), G_last)
+  return reduce_to(jnp.exp(G_last) * col_dot(state_VK, dstate_VK), G_last)
 
 
 def gate_grad(q, k, dq, dk, G, d_last):
   """``dG = q * dq - k * dk`` plus ``d_last`` on the last row (``None`` without decay)."""
   if G is None:
     return None
-  d = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
-  return reduce_to(d, G) + jnp.where(last_row_mask(G.shape[-2]), d_last, 0.0)
+  if G.shape[-1] == 1:
+    d = row_dot(q, dq) - row_dot(k, dk)
+  else:
+    d = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
+  return d + jnp.where(last_row_mask(G.shape[-2]), d_last, 0.0)
 
 
 def reduce_to(x, G):
@@ -142,11 +145,6 @@ class HeadScores:
     dP = jnp.where(causal_mask(dA.shape[-1]), dA, 0.0) if self.D is None else dA * self.D
     w = wide(self.dtype)
     return mm(dP, self.k, w), mm_tn(dP, self.q, w), mm_tn(self.A, do, w)
-
-
-def row_dot(a, b):
-  """``sum_k a_ik b_ik`` as ``(..., C, 1)`` (a batched dot: XLA CPU reduces a minor axis slowly)."""
-  return jnp.einsum("...ck,...ck->...c", a, b, precision=jax.lax.Precision.HIGHEST)[..., None]
 
 
 def _shift(x, d: int):

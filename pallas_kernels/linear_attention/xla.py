@@ -21,21 +21,23 @@ SUB_CHUNK = 4
 
 
 def _grouped(x, kv_heads: int, chunk: int):
-  """``(B, heads, T, D)`` -> ``(B, KV, heads / KV, N, C, D)``."""
+  """``(B, heads, T, D)`` -> ``(N, B, KV, heads / KV, C, D)``: chunk-major, so the state scans walk the leading
+  axis (no relayout of their inputs and outputs) and every dot batches over the leading axes."""
   if x is None:
     return None
   batch, heads, seq, dim = x.shape
-  return x.reshape(batch, kv_heads, heads // kv_heads, seq // chunk, chunk, dim)
+  return jnp.moveaxis(x.reshape(batch, kv_heads, heads // kv_heads, seq // chunk, chunk, dim), 3, 0)
 
 
 def _grouped_states(s, kv_heads: int):
-  """``(B, H, [N,] V, K)`` -> ``(B, KV, group, [N,] V, K)``."""
+  """``(B, H, V, K)`` -> ``(B, KV, group, V, K)``."""
   return s.reshape(s.shape[0], kv_heads, s.shape[1] // kv_heads, *s.shape[2:])
 
 
 def _flat(x):
-  """Inverse of :func:`_grouped`: ``(B, KV, g, N, C, D)`` -> ``(B, KV * g, T, D)``."""
-  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3] * x.shape[4], x.shape[5])
+  """Inverse of :func:`_grouped`: ``(N, B, KV, g, C, D)`` -> ``(B, KV * g, T, D)``."""
+  n, batch, kv, group, chunk, dim = x.shape
+  return jnp.moveaxis(x, 0, 3).reshape(batch, kv * group, n * chunk, dim)
 
 
 def _flat_states(s):
@@ -44,8 +46,13 @@ def _flat_states(s):
 
 
 def _group_sum(x_grouped):
-  """Sums a per-query-head gradient over its group (``(B, KV, g, ...)`` -> ``(B, KV, T, D)``)."""
-  return _flat(jnp.sum(x_grouped, axis=2, keepdims=True))
+  """Sums a per-query-head gradient over its group (``(N, B, KV, g, C, D)`` -> ``(B, KV, T, D)``)."""
+  return _flat(jnp.sum(x_grouped, axis=3, keepdims=True))
+
+
+def _regroup(x, kv_heads: int):
+  """A grouped per-chunk array of the passes, ``(N, B, KV', g', R, D)``, under ``kv_heads`` key/value heads."""
+  return x.reshape(x.shape[0], x.shape[1], kv_heads, -1, *x.shape[4:])
 
 
 def _last(G):
@@ -53,10 +60,8 @@ def _last(G):
 
 
 def _scan(step, init, xs, *, reverse=False):
-  """``lax.scan`` over the chunk axis (3) of every array of ``xs`` (``None`` passes through)."""
-  moved = jax.tree.map(lambda x: None if x is None else jnp.moveaxis(x, 3, 0), xs)
-  final, ys = jax.lax.scan(step, init, moved, reverse=reverse)
-  return final, jax.tree.map(lambda y: jnp.moveaxis(y, 0, 3), ys)
+  """``lax.scan`` over the leading (chunk) axis of every array of ``xs`` (``None`` passes through)."""
+  return jax.lax.scan(step, init, xs, reverse=reverse)
 
 
 def _intra(q, k, G, plan):
@@ -75,13 +80,13 @@ def _gla_states(k, v, G, h0, plan):
   write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
   step = lambda h, xs: (_gla_math.advance(h, *xs), h)
   final, h_all = _scan(step, _grouped_states(h0, kv), (_gla_math.carry(_last(G)), write))
-  return _flat_states(h_all), _flat_states(final)
+  return h_all, _flat_states(final)
 
 
 def _gla_output(q, k, v, G, h_all, plan):
   kv = k.shape[1]
   q, k, v, G = (_grouped(x, kv, plan.chunk) for x in (q, k, v, G))
-  o = _gla_math.inter_output(q, G, _grouped_states(h_all, kv), plan.dtype) + _intra(q, k, G, plan).apply(v)
+  o = _gla_math.inter_output(q, G, _regroup(h_all, kv), plan.dtype) + _intra(q, k, G, plan).apply(v)
   return _flat(plan.scale * o)
 
 
@@ -91,13 +96,13 @@ def _gla_state_grads(q, G, do, dh_final, plan):
   write = _gla_math.state_grad_write(q, G, plan.scale * do.astype(jnp.float32), plan.dtype)
   step = lambda ds, xs: (_gla_math.advance(ds, *xs), ds)
   dh0, dS_all = _scan(step, _grouped_states(dh_final, heads), (_gla_math.carry(_last(G)), write), reverse=True)
-  return _flat_states(dS_all), _flat_states(dh0)
+  return dS_all, _flat_states(dh0)
 
 
 def _gla_grads(q, k, v, G, h_all, dS_all, do, plan):
   kv = k.shape[1]
   q, k, v, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, v, G, do))
-  h, dS = _grouped_states(h_all, kv), _grouped_states(dS_all, kv)
+  h, dS = _regroup(h_all, kv), _regroup(dS_all, kv)
   do = plan.scale * do.astype(jnp.float32)
   dq_a, dk_a, dv_a = _intra(q, k, G, plan).backward(do, v)
   dq, dk, dv, d_keys = _gla_math.inter_grads(q, k, v, G, _last(G), h, dS, do, plan.dtype)
@@ -114,12 +119,12 @@ def _delta_prepare(k, v, beta, G, plan):
   kv = k.shape[1]
   k, v, beta, G = (_grouped(x, kv, plan.chunk) for x in (k, v, beta, G))
   w, u, _ = _delta_math.prepare(k, v, beta, G, plan.dtype)
-  return _flat(w), _flat(u)  # per key/value head when nothing in them is per query head
+  return w, u  # per key/value head (group axis 1) when nothing in them is per query head
 
 
 def _delta_states(k, w, u, G, h0, plan):
   kv = k.shape[1]
-  k, w, u, G = (_grouped(x, kv, plan.chunk) for x in (k, w, u, G))
+  k, G = (_grouped(x, kv, plan.chunk) for x in (k, G))
   k_end = _gla_math.key_to_end(k, G, _last(G))
 
   def step(h, xs):
@@ -128,18 +133,18 @@ def _delta_states(k, w, u, G, h0, plan):
     return new, (h, delta)
 
   final, (h_all, delta) = _scan(step, _grouped_states(h0, kv), (w, u, k_end, _gla_math.carry(_last(G))))
-  return _flat_states(h_all), _flat(delta), _flat_states(final)
+  return h_all, delta, _flat_states(final)
 
 
 def _delta_output(q, k, G, delta, h_all, plan):
   kv = k.shape[1]
-  q, k, G, delta = (_grouped(x, kv, plan.chunk) for x in (q, k, G, delta))
-  return _flat(plan.scale * _delta_math.output(q, k, G, delta, _grouped_states(h_all, kv), plan.dtype))
+  q, k, G = (_grouped(x, kv, plan.chunk) for x in (q, k, G))
+  return _flat(plan.scale * _delta_math.output(q, k, G, delta, h_all, plan.dtype))
 
 
 def _delta_state_grads(q, k, w, G, do, dh_final, plan):
   kv = k.shape[1]
-  q, k, w, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, w, G, do))
+  q, k, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, G, do))
   d_delta_intra, write = _delta_math.state_grad_inputs(q, k, G, plan.scale * do.astype(jnp.float32), plan.dtype)
   k_end = _gla_math.key_to_end(k, G, _last(G))
 
@@ -150,16 +155,14 @@ def _delta_state_grads(q, k, w, G, do, dh_final, plan):
   carry = _gla_math.carry(_last(G))
   dh0, (dS_all, d_delta) = _scan(step, _grouped_states(dh_final, kv), (d_delta_intra, write, k_end, w, carry),
                                  reverse=True)
-  return _flat_states(dS_all), _flat(d_delta), _flat_states(dh0)
+  return dS_all, d_delta, _flat_states(dh0)
 
 
 def _delta_grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, plan):
   kv, heads, beta_heads = k.shape[1], q.shape[1], beta.shape[1]
-  q, k, v, beta, G, delta, d_delta, do = (_grouped(x, kv, plan.chunk)
-                                          for x in (q, k, v, beta, G, delta, d_delta, do))
-  dq, dk, dv, dbeta, dG = _delta_math.grads(
-      q, k, v, beta, G, _last(G), _grouped_states(h_all, kv), delta, d_delta, _grouped_states(dS_all, kv),
-      plan.scale * do.astype(jnp.float32), plan.dtype)
+  q, k, v, beta, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, v, beta, G, do))
+  dq, dk, dv, dbeta, dG = _delta_math.grads(q, k, v, beta, G, _last(G), h_all, delta, d_delta, dS_all,
+                                            plan.scale * do.astype(jnp.float32), plan.dtype)
   dbeta = _flat(dbeta) if beta_heads == heads else _group_sum(dbeta)
   return _flat(dq), _group_sum(dk), _group_sum(dv), dbeta, None if dG is None else _flat(dG)
 

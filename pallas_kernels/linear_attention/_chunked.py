@@ -162,11 +162,14 @@ def _cumulative_log_decay(log_decay, segment_ids, shape_BTH, chunk: int, padded:
   g = jnp.maximum(g if g.ndim == 4 else g[..., None], MIN_LOG_DECAY)
   if segment_ids is not None:
     g = jnp.where(_segment_starts(segment_ids)[:, :, None, None], MIN_LOG_DECAY, g)
-  g = jnp.pad(jnp.swapaxes(g, 1, 2), ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
-  g = g.reshape(batch, heads, padded // chunk, chunk, g.shape[-1])
-  inclusive = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))  # a matmul: XLA CPU's cumsum is slow
-  G = jnp.einsum("ij,bhnjk->bhnik", inclusive, g, precision=jax.lax.Precision.HIGHEST)
-  return G.reshape(batch, heads, padded, -1)
+  width = g.shape[-1]
+  g = jnp.pad(g, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).reshape(batch, padded // chunk, chunk, heads * width)
+  # The within-chunk cumsum as one batched matmul with a lower-triangular matrix of ones, in the inputs' layout
+  # (rows of a chunk contracted, heads and channels as columns): XLA CPU's cumsum is slow, and a matmul whose
+  # chunk rows are not the leading free axis leaves its output transposed for every consumer.
+  inclusive = jnp.broadcast_to(jnp.tril(jnp.ones((chunk, chunk), jnp.float32)), (*g.shape[:2], chunk, chunk))
+  G = jnp.einsum("bnij,bnjx->bnix", inclusive, g, precision=jax.lax.Precision.HIGHEST)
+  return jnp.swapaxes(G.reshape(batch, padded, heads, width), 1, 2)
 
 
 class _Layout:

@@ -88,6 +88,24 @@ def test_padding_does_not_change_final_state():
     assert helpers.rel_rms(final, finals[0]) <= F32["rms"]
 
 
+@pytest.mark.parametrize("batched", (True, False))
+def test_sums_of_products_match_numpy(batched):
+  """The chunk math's sums (``_tiles``): dots on batched arrays (a size-1 group axis broadcasting), reductions on
+  2-D kernel tiles."""
+  from pallas_kernels.linear_attention import _tiles  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(3, 1, 5, 4)), rng.normal(size=(3, 2, 5, 4))
+  if not batched:
+    a, b = a[0, 0], b[0, 0]
+  prod = a * b
+  for got, want in ((_tiles.row_dot(a, b), prod.sum(-1, keepdims=True)),
+                    (_tiles.col_dot(a, b), prod.sum(-2, keepdims=True)),
+                    (_tiles.row_sum(jnp.asarray(b, jnp.float32)), b.sum(-1, keepdims=True)),
+                    (_tiles.col_sum(jnp.asarray(b, jnp.float32)), b.sum(-2, keepdims=True))):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_default_auto_selection_on_cpu_is_xla():
   args = helpers.inputs(3, seq=10, decay="none")
   run = lambda implementation: jax.jit(functools.partial(pallas_kernels.linear_attention,

@@ -27,6 +27,8 @@ log L)`` per channel (``conv.cached_long_conv``). Sequences are at most ``max_le
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -80,16 +82,28 @@ class ImplicitFilter(nn.Module):
   decay_target: float = 1e-2
   init_std: float = ZOOLOGY_INIT_STD
 
+  def __post_init__(self):
+    for name in ("channels", "max_len", "order", "num_bands"):
+      _checks.check_positive_int(name, getattr(self, name), allow_none=False)
+    if isinstance(self.num_inner, bool) or not isinstance(self.num_inner, int) or self.num_inner < 0:
+      raise ValueError(f"num_inner: got {self.num_inner!r}; allowed: an int >= 0")
+    for name in ("frequency", "fast_decay_pct", "slow_decay_pct", "init_std"):
+      check_positive_float(name, getattr(self, name))
+    if isinstance(self.decay_target, bool) or not isinstance(self.decay_target, (int, float)) \
+        or not 0 < self.decay_target < 1:
+      raise ValueError(f"decay_target: got {self.decay_target!r}; allowed: a number in (0, 1)")
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, length: int) -> jax.Array:
     z = positional_features(self.max_len, self.num_bands)[:length]
     frequency = self.param("frequency", nn.initializers.constant(self.frequency), (self.order,), jnp.float32)
-    dense = lambda width, name, bias=True: nn.Dense(width, use_bias=bias, name=name,
-                                                    kernel_init=nn.initializers.normal(self.init_std))
-    h = jnp.sin(frequency * dense(self.order, "in")(z))
+    linear = lambda width, name, bias=True: nn.Dense(width, use_bias=bias, name=name,
+                                                     kernel_init=nn.initializers.normal(self.init_std))
+    h = jnp.sin(frequency * linear(self.order, "in")(z))
     for i in range(self.num_inner):
-      h = jnp.sin(frequency * dense(self.order, f"inner_{i}")(h))
-    h = dense(self.channels, "out", bias=False)(h)
+      h = jnp.sin(frequency * linear(self.order, f"inner_{i}")(h))
+    h = linear(self.channels, "out", bias=False)(h)
     rates = decay_rates(self.channels, self.fast_decay_pct, self.slow_decay_pct, self.decay_target)
     return h * jnp.exp(-z[:, :1] * rates)
 
@@ -127,6 +141,10 @@ class LongConvMixer(ConvMixer):
     return x, mode
 
 
+FILTER_OPTIONS = ("order", "num_inner", "num_bands", "frequency", "fast_decay_pct", "slow_decay_pct",
+                  "decay_target")
+
+
 @MIXERS.register("hyena")
 class Hyena(LongConvMixer):
   """Order-2 Hyena (module docstring). ``num_heads`` is unused: one filter per channel (Zoology's default
@@ -134,29 +152,22 @@ class Hyena(LongConvMixer):
 
   Attributes:
     kernel_size: taps of the short convolution (Zoology ``short_filter_order``).
-    filter_order, filter_inner, filter_bands, filter_frequency: the implicit filter's FFN
-      (:class:`ImplicitFilter` ``order``, ``num_inner``, ``num_bands``, ``frequency``).
-    fast_decay_pct, slow_decay_pct, decay_target: its window.
+    filter_options: :class:`ImplicitFilter` fields (``FILTER_OPTIONS``) that differ from its defaults, which
+      are Zoology's; its ``init_std`` is the layer's.
   """
-  filter_order: int = 64
-  filter_inner: int = 2
-  filter_bands: int = 1
-  filter_frequency: float = 1.0
-  fast_decay_pct: float = 0.3
-  slow_decay_pct: float = 1.5
-  decay_target: float = 1e-2
+  filter_options: Mapping[str, Any] | None = None
 
   def __post_init__(self):
-    for name in ("filter_order", "filter_bands"):
-      _checks.check_positive_int(name, getattr(self, name), allow_none=False)
-    if isinstance(self.filter_inner, bool) or not isinstance(self.filter_inner, int) or self.filter_inner < 0:
-      raise ValueError(f"filter_inner: got {self.filter_inner!r}; allowed: an int >= 0")
-    for name in ("filter_frequency", "fast_decay_pct", "slow_decay_pct"):
-      check_positive_float(name, getattr(self, name))
-    if isinstance(self.decay_target, bool) or not isinstance(self.decay_target, (int, float)) \
-        or not 0 < self.decay_target < 1:
-      raise ValueError(f"decay_target: got {self.decay_target!r}; allowed: a number in (0, 1)")
+    options = dict(self.filter_options or {})
+    unknown = sorted(set(options) - set(FILTER_OPTIONS))
+    if unknown:
+      raise ValueError(f"filter_options: got unknown fields {unknown}; allowed: {', '.join(FILTER_OPTIONS)}")
     super().__post_init__()
+    self.long_filter(parent=None)  # checks the options now
+
+  def long_filter(self, **kwargs) -> ImplicitFilter:
+    return ImplicitFilter(self.d_model, self.max_len, init_std=self.init_std, **dict(self.filter_options or {}),
+                          **kwargs)
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -169,11 +180,9 @@ class Hyena(LongConvMixer):
                   channel_axes=("mlp",), name="short_conv")(h, segment_ids, mode)
     x1, x2, v = jnp.split(h, 3, axis=-1)
     v = x1 * v
-    long_filter = ImplicitFilter(self.d_model, self.max_len, self.filter_order, self.filter_inner,
-                                 self.filter_bands, self.filter_frequency, self.fast_decay_pct,
-                                 self.slow_decay_pct, self.decay_target, self.init_std, name="filter")
     skip = self.param("skip", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("mlp",)),
                       (self.d_model,), jnp.float32)
-    v = cached_long_conv(self, v, long_filter, segment_ids, mode, self.max_len) + skip.astype(self.dtype) * v
+    v = cached_long_conv(self, v, self.long_filter(name="filter"), segment_ids, mode, self.max_len) \
+        + skip.astype(self.dtype) * v
     y = dense(self.d_model, self.init_std, self.dtype, "out_proj", ("mlp", "embed"))(x2 * v)
     return self._finish(y, x_BTD, mode)

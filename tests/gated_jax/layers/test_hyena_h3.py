@@ -127,8 +127,9 @@ def test_decode_segments_and_causality(name, kwargs):
 
 @pytest.mark.parametrize("name, kwargs, match", [
     ("hyena", {"max_len": 0}, "max_len"),
-    ("hyena", {"filter_inner": -1}, "filter_inner"),
-    ("hyena", {"decay_target": 1.5}, "decay_target"),
+    ("hyena", {"filter_options": {"num_inner": -1}}, "num_inner"),
+    ("hyena", {"filter_options": {"decay_target": 1.5}}, "decay_target"),
+    ("hyena", {"filter_options": {"width": 8}}, "filter_options"),
     ("hyena", {"init_std": 0.0}, "init_std"),
     ("h3", {"head_dim": 3}, "head_dim"),
     ("h3", {"state_size": 5}, "state_size"),

@@ -57,19 +57,20 @@ class H3(LongConvMixer):
   """H3 (module docstring). ``num_heads`` is unused: the heads are ``d_model / head_dim``.
 
   Attributes:
-    state_size: ``N``, the shift filter's taps and twice the diagonal SSM's mode pairs (Zoology ``d_state``).
+    state_size: ``N``, the shift filter's taps and twice the diagonal SSM's mode pairs (Zoology ``d_state``);
+      None: ``max_len`` rounded up to even (Zoology's MQAR setting, ``d_state = L``).
     head_dim: ``p``, channels per head of the ``k v^T`` outer product.
     dt_min, dt_max: range of the diagonal SSM's step ``Δ``.
   """
-  state_size: int = 64
+  state_size: int | None = 64
   head_dim: int = 1
   dt_min: float = 1e-3
   dt_max: float = 1e-1
 
   def __post_init__(self):
     _checks.check_positive_int("head_dim", self.head_dim, allow_none=False)
-    _checks.check_positive_int("state_size", self.state_size, allow_none=False)
-    if self.state_size % 2:
+    _checks.check_positive_int("state_size", self.state_size)
+    if self.state_size is not None and self.state_size % 2:
       raise ValueError(f"state_size: got {self.state_size}; allowed: an even number (complex conjugate pairs)")
     if self.d_model % self.head_dim:
       raise ValueError(f"head_dim: got {self.head_dim}; allowed: a divisor of d_model={self.d_model}")
@@ -86,12 +87,12 @@ class H3(LongConvMixer):
     del positions
     u, mode = self._start(x_BTD, segment_ids, decode)
     batch, seq, _ = u.shape
-    heads, p, modes = self.d_model // self.head_dim, self.head_dim, self.state_size // 2
+    taps = self.max_len + self.max_len % 2 if self.state_size is None else self.state_size
+    heads, p, modes = self.d_model // self.head_dim, self.head_dim, taps // 2
     q, k, v = (dense(self.d_model, self.init_std, self.dtype, name)(u) for name in ("q_proj", "k_proj", "v_proj"))
 
-    shift_taps = self.param("shift_kernel", pytorch_uniform(self.state_size), (self.state_size, self.d_model),
-                            jnp.float32)
-    shift_kernel = lambda n: jnp.pad(shift_taps, ((0, max(0, n - self.state_size)), (0, 0)))[:n]
+    shift_taps = self.param("shift_kernel", pytorch_uniform(taps), (taps, self.d_model), jnp.float32)
+    shift_kernel = lambda n: jnp.pad(shift_taps, ((0, max(0, n - taps)), (0, 0)))[:n]
     k_skip = self.param("shift_skip", nn.initializers.normal(1.0), (self.d_model,), jnp.float32)
     k = cached_long_conv(self, k, shift_kernel, segment_ids, mode, self.max_len, "shift_inputs") \
         + k_skip.astype(self.dtype) * k

@@ -1,13 +1,13 @@
 """Hyena (Poli et al., "Hyena Hierarchy", arXiv 2302.10866), order 2, as Zoology runs it (``mixers/hyena.py``).
 
-Per token, with ``u`` the input (§3.1, eq. 3-4 with N = 2; Algorithm 1-3):
+Per token, with ``u`` the input (§3.1, the order-N recurrence with N = 2, and Algorithm 3):
 
     x1, x2, v = split(ShortConv_3(W_in u + b_in))      a depthwise causal conv of width 3 over the 3 D channels
     v <- x1 ⊙ v                                         the first gate
     v <- h * v + d ⊙ v                                  causal long convolution, one filter per channel
     y  = W_out (x2 ⊙ v) + b_out                         the second gate, out-projection
 
-The filter ``h`` is implicit (§3.3, eq. 7): ``h_t = FFN(z_t) · exp(-α t)`` where ``z_t = (t, cos(ω t),
+The filter ``h`` is implicit (§3.3): ``h_t = FFN(z_t) · exp(-α t)`` where ``z_t = (t, cos(ω t),
 -sin(ω t))`` are positional features (``t`` from 0 to 1 over ``max_len`` positions), the FFN a small MLP with
 sine activations ``sin(a · x)`` (``a`` learned, one per hidden unit, shared by its layers), and ``α`` a fixed
 per-channel decay rate spread so that the window falls to ``decay_target`` between ``fast_decay_pct`` and

@@ -24,7 +24,7 @@ Each seed trains the backbone and its IMs once (the warm-up: AdamW on the summed
   accuracy and ECE are interpolated at the JEI row's cost (columns ``cascade acc @cost``, ``cascade ECE @cost``).
 
 Metrics: test accuracy (%), mean cost, ECE of the exiting prediction (15 equal-width bins, %), and the fraction
-of test images leaving at each exit.
+of test images leaving at each exit (``runs.jsonl`` also holds each exit's cost ``cost_exit_l``).
 
 Claims (from the JEI-DNN abstract and the reference experiment "learned exits beat thresholding"):
 
@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
 class WarmedUp(NamedTuple):
   """One seed's warm-up: the model, its parameters, cached block states and the test logits of its IMs."""
   model: Any
+  heads: Any  # jitted (params, states_LBTD) -> ExitOutputs
   params: Any
   costs: np.ndarray
   train_states: np.ndarray
@@ -107,7 +108,7 @@ class WarmedUp(NamedTuple):
 
 @functools.lru_cache(maxsize=4)
 def _compiled(model_json: str, optim_json: str, steps: int):
-  """``(model, costs, init, warm-up step, states)``, shared by every seed of one model."""
+  """``(model, costs, init, warm-up step, states, heads)``, shared by every seed of one model."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -127,7 +128,8 @@ def _compiled(model_json: str, optim_json: str, steps: int):
     return params, tx.init(params)
 
   states = jax.jit(lambda params, images: model.apply({"params": params}, images, method=model.states))
-  return model, early_exit.exit_costs(backbone), init, early_exit.warmup_step(model, tx), states
+  heads = jax.jit(lambda params, states: model.apply({"params": params}, states, method=model.from_states))
+  return model, early_exit.exit_costs(backbone), init, early_exit.warmup_step(model, tx), states, heads
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,7 +142,7 @@ def warm_up(config_json: str, seed: int) -> WarmedUp:
   config = ml_collections.ConfigDict(json.loads(config_json))
   train_x, train_y, test_x, _ = digit_images.split()
   batch, steps = config.data.batch_size, config.train.steps
-  model, costs, init, step, states = _compiled(json.dumps(config.model.to_dict(), sort_keys=True),
+  model, costs, init, step, states, heads = _compiled(json.dumps(config.model.to_dict(), sort_keys=True),
                                                json.dumps(config.optim.to_dict(), sort_keys=True), steps)
   params, opt_state = init(jax.random.key(seed), train_x[:1])
   order = _order(len(train_y), steps * batch, seed)
@@ -150,10 +152,10 @@ def warm_up(config_json: str, seed: int) -> WarmedUp:
     params, opt_state, loss = step(params, opt_state, train_x[idx], train_y[idx])
     if (i + 1) % config.train.log_every == 0 or i + 1 == steps:
       history.append({"step": i + 1, "loss": float(loss)})
-  test_states = np.asarray(states(params, test_x))
-  logits = model.apply({"params": params}, test_states, method=model.from_states).logits_LBC
-  return WarmedUp(model, params, costs, np.asarray(states(params, train_x)), test_states, np.asarray(logits),
-                  history)
+  all_states = np.asarray(states(params, np.concatenate([train_x, test_x])))  # one compilation for both splits
+  train_states, test_states = all_states[:, :len(train_x)], all_states[:, len(train_x):]
+  return WarmedUp(model, heads, params, costs, train_states, test_states,
+                  np.asarray(heads(params, test_states).logits_LBC), history)
 
 
 def _order(n: int, total: int, seed: int, stream: int = 1) -> np.ndarray:
@@ -191,7 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, A
   trained = warm_up(json.dumps(shared, sort_keys=True, default=list), config.seed)
   logits, costs, exits = trained.test_logits, trained.costs, len(trained.costs)
   kind, history = config.policy.kind, trained.history
-  common_metrics = {"num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained.params))}
+  common_metrics = {"num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained.params)),
+                    **{f"cost_exit_{l}": float(c) for l, c in enumerate(costs)}}
   if kind == "full":
     decision = early_exit.policies.decide(jnp.asarray(logits), jnp.full(len(test_y), exits - 1), costs)
     return {"metrics": {**early_exit.score(decision, test_y, exits), **common_metrics}, "history": history}
@@ -201,8 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, A
   if kind != "jei":
     raise ValueError(f"policy.kind: got {kind!r}; allowed: 'full', 'cascade', 'jei'")
   params, jei_history = _jei(config, trained, train_y)
-  outputs = trained.model.apply({"params": params}, jnp.asarray(trained.test_states),
-                                method=trained.model.from_states)
+  outputs = trained.heads(params, trained.test_states)
   metrics = early_exit.score(early_exit.gate_policy(*outputs, costs), test_y, exits)
   sweep = early_exit.threshold_sweep(jnp.asarray(logits), test_y, costs, SWEEP)
   metrics.update(cascade_accuracy=early_exit.at_cost(sweep, metrics["cost"], "accuracy"),
@@ -278,7 +280,7 @@ def accuracy_cost_plot(out_dir: pathlib.Path) -> str:
   return "\n".join(lines) + "\n"
 
 
-_MICRO = {"model.d_model": 8, "model.num_layers": 2, "model.num_heads": 2, "model.mlp_hidden_dim": 16,
+_MICRO = {"model.d_model": 8, "model.num_layers": 2, "model.num_heads": 2, "model.mlp": "none",
           "data.batch_size": 8, "train.steps": 2, "train.log_every": 1, "optim.warmup_steps": 1, "jei.steps": 2,
           "jei.phase_steps": 1}
 _SMALL = {"model.patch_size": 1, "model.d_model": 96, "model.num_layers": 6, "data.batch_size": 128,

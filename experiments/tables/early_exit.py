@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from experiments.tables import common
+from experiments.tables import common, vision_gating
 from experiments.tables.common import Claim, Metric, Table
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -80,15 +80,13 @@ VARIANTS = {FULL: {"policy.kind": "full"},
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """``vision_gating``'s classifier, data and optimiser (4 blocks, the whole training split), plus the JEI-DNN
+  phases and the row's exit policy."""
+  config = vision_gating.base_config().to_dict()
+  config["model"]["num_layers"] = 4
+  config["data"] = {"batch_size": config["data"]["batch_size"]}
   return ml_collections.ConfigDict({
-      "seed": 0,
-      "model": {"image_size": (8, 8), "patch_size": 2, "num_classes": 10, "d_model": 48, "num_layers": 4,
-                "num_heads": 4, "mixer": "vit", "mixer_kwargs": {}, "mlp": "gelu", "mlp_hidden_dim": 192,
-                "position_embedding": True},
-      "data": {"batch_size": 64},
-      "optim": {"lr": 1e-3, "warmup_steps": 20, "schedule": "warmup_cosine", "min_lr_ratio": 0.1, "b1": 0.9,
-                "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "clip_norm": 1.0},
-      "train": {"steps": 300, "log_every": 20},
+      **config,
       "jei": {"steps": 400, "phase_steps": 50, "ims_lr": 1e-3, "gates_lr": 1e-2, "tradeoff": 0.7},
       "policy": {"kind": "full", "threshold": 0.9},
   })

@@ -2,10 +2,10 @@
 learned gates, and the expected calibration error of the exiting prediction.
 
 * **Confidence cascade** (the threshold baseline: BranchyNet, Teerapittayanon et al. arXiv 1709.01686, with
-  the maximum softmax probability as the confidence, as JEI-DNN's baselines, arXiv 2310.09163 §5): exit at
+  the maximum softmax probability as the confidence, as JEI-DNN's threshold baselines, arXiv 2310.09163): exit at
   the first ``l`` whose IM's max probability is ``≥ τ``; the last exit takes everything left. ``τ ≤ 0`` exits
   everything at the first IM; ``τ > 1`` runs everything to the end.
-* **Learned gates** (JEI-DNN §3.1): the exit distribution ``P(exit at l) = g_l Π_{j<l}(1 − g_j)``, the last
+* **Learned gates** (JEI-DNN, its exit model): the exit distribution ``P(exit at l) = g_l Π_{j<l}(1 − g_j)``, the last
   exit taking the remainder ``Π_{j<L}(1 − g_j)``; at inference, exit at the first ``l`` with ``g_l ≥ ½``.
 * **ECE** (Guo et al. arXiv 1706.04599 eq. 3): 15 equal-width confidence bins,
   ``Σ_b (n_b / n)·|acc_b − conf_b|``, of the prediction and max probability of the IM each example exits at.

@@ -1,10 +1,10 @@
 """Training a ``MultiExitClassifier``: the warm-up and JEI-DNN's bi-level exit/inference training.
 
-JEI-DNN (Regol, Chataoui & Coates, arXiv 2310.09163 §3.2; the authors' ``train_dynn.py``) trains the IMs and
+JEI-DNN (Regol, Chataoui & Coates, arXiv 2310.09163; the authors' ``train_dynn.py``) trains the IMs and
 the gates of a frozen backbone in alternating phases (200 batches each in their runs):
 
 * **warm-up** (:func:`summed_exit_loss`): every IM with the plain sum of its cross-entropy, ``Σ_l CE_l``
-  (BranchyNet's joint loss with unit weights, arXiv 1709.01686 §3). Here the backbone has no pretrained
+  (BranchyNet's joint loss with unit weights, arXiv 1709.01686). Here the backbone has no pretrained
   weights, so the warm-up also trains the backbone;
 * **(a) IMs** (:func:`weighted_exit_loss`, gates frozen): ``Σ_l P_l CE_l`` with ``P`` the exit distribution of
   the current gates, rescaled per example by ``Σ_l CE_l / Σ_l P_l CE_l`` so that every example weighs as much

@@ -133,13 +133,18 @@ def _attention_solves(means: common.Means) -> bool:
   return min(scores) >= 0.95
 
 
-def _attention_above_recurrent(means: common.Means) -> bool:
+def _beside_attention(means: common.Means, mixers: Sequence[str]) -> list[tuple[float, float]]:
+  """``(attention, other)`` best accuracies of every ``mixers`` entry at a task and width attention also ran."""
   best = best_over_lr(means)
   pairs = [(acc, best[(m, seq, d)]) for (m0, seq, d), acc in best.items() if m0 == "attention"
-           for m in RECURRENT if (m, seq, d) in best]
+           for m in mixers if (m, seq, d) in best]
   if not pairs:
-    raise KeyError("accuracy of attention and a recurrent mixer at a shared width")
-  return all(attention >= other for attention, other in pairs)
+    raise KeyError(f"accuracy of attention and one of {', '.join(mixers)} at a shared width")
+  return pairs
+
+
+def _attention_above_recurrent(means: common.Means) -> bool:
+  return all(attention >= other for attention, other in _beside_attention(means, RECURRENT))
 
 
 def state_curve(means: common.Means, mixer: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,12 +173,7 @@ def at_least_at_equal_state(means: common.Means, upper: str, lower: str) -> bool
 
 
 def _convs_below_attention(means: common.Means) -> bool:
-  best = best_over_lr(means)
-  pairs = [(acc, best[(m, seq, d)]) for (m0, seq, d), acc in best.items() if m0 == "attention"
-           for m in GATED_CONVS if (m, seq, d) in best]
-  if not pairs:
-    raise KeyError("accuracy of attention and a gated convolution at a shared width")
-  return all(attention > conv + SATURATION for attention, conv in pairs)
+  return all(attention > conv + SATURATION for attention, conv in _beside_attention(means, GATED_CONVS))
 
 
 def _delta_above_gla_above_linear(means: common.Means) -> bool:

@@ -11,8 +11,9 @@ Per token, with ``u`` the input and ``H = d_model / head_dim`` heads of ``head_d
 
 The shift SSM (``A`` the shift matrix, ``B = e_1``) has the kernel ``K_t = C_t`` for ``t < N`` and 0 after
 (§3.1), initialised like a PyTorch ``Conv1d`` of ``N`` taps, as in Zoology's ``SSKernelShift``. The diagonal
-SSM is S4D (Gu et al. arXiv 2206.11893: the zero-order-hold diagonal kernel, S4D-Lin) with ``N / 2`` complex conjugate mode pairs,
-S4D-Lin init ``A_n = -1/2 + iπn``, ``B = 1``, ``C ~ CN(0, 1)``, ``Δ`` log-uniform in ``[dt_min, dt_max]``:
+SSM is S4D (Gu et al. arXiv 2206.11893: the zero-order-hold diagonal kernel) with ``N / 2`` complex
+conjugate mode pairs, S4D-Lin init ``A_n = -1/2 + iπn``, ``B = 1``, ``C ~ CN(0, 1)``, ``Δ`` log-uniform in
+``[dt_min, dt_max]``:
 ``K_t = 2 Re Σ_n C_n (e^{ΔA_n} - 1) / A_n · e^{ΔA_n t}``. Zoology's MQAR setting is ``state_size =``
 sequence length and ``head_dim = 2`` (its comment: "makes it mathematically equivalent to Hyena").
 

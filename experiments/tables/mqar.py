@@ -16,8 +16,9 @@ softmax ``attention`` (1 head, no positional encoding), ``linear_attention`` (2 
 (2 heads, expand_k 0.5), ``deltanet`` (2 heads, short conv, no output gate), ``gated_deltanet`` (2 heads
 of d/2, expand_v 2, no output gate). Their recurrent states at width d are d²/4 (GLA), d²/2 (linear
 attention, DeltaNet) and d² (Gated DeltaNet) floats, so the orderings are judged at equal state size, along
-the accuracy-vs-state curves. Each variant (mixer, task, width) trains its learning rates together (``_lr_sweep``) and reports the best final validation
-accuracy over them, as Zoology does; the seeds give the spread.
+the accuracy-vs-state curves. Each variant (mixer, task, width) trains its learning rates together
+(``_lr_sweep``) and reports the best final validation accuracy over them, as Zoology does; the seeds give
+the spread.
 
 Claims (judged per seed and on the means, ``experiments/tables/common.py``):
 (a) attention solves MQAR: best accuracy ≥ 0.95 at every width ≥ 64 (Zoology: ≈ 1.0);

@@ -14,7 +14,9 @@ Arrays given to the passes ("kernel layout"): ``q`` ``(B, H, T, K)``; ``k``, ``v
 dividing ``H`` (GQA: a key/value head serves ``H / KV`` consecutive query heads and is never repeated); ``G``
 ``(B, H, T, K')`` float32, the within-chunk inclusive cumulative log decay (``K' = K`` per key channel, ``1`` per
 head; ``None`` when there is no decay and no segments); ``beta`` ``(B, H|KV, T, 1)``; states value-major
-``(B, H, V, K)`` float32, ``(B, H, N, V, K)`` per chunk. ``T`` is padded to a multiple of ``C`` (zero inputs and
+``(B, H, V, K)`` float32, ``(B, H, N, V, K)`` per chunk (intermediates that only pass between a backend's own
+passes, such as the chunk states, ``w`` or ``delta``, may use the backend's layout instead: the wrapper never
+reads them). ``T`` is padded to a multiple of ``C`` (zero inputs and
 zero log decay: the outputs and the final state are unchanged), and ``K``/``V`` to powers of two when the
 backend needs it.
 

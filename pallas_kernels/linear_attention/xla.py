@@ -4,8 +4,11 @@ recurrences (whose steps are then elementwise for gated linear attention), the c
 :mod:`._gla_math` / :mod:`._delta_math`, and a hand-written backward (``jax.custom_vjp`` in the wrapper) that
 keeps the forward's chunk states instead of autodiff's per-operation residuals.
 
-Arrays are viewed as ``(B, KV, group, N, C, dim)``: a key/value head broadcasts over its group of query heads
-(size-1 axis) inside the dots, so GQA never copies k or v. On a CPU every dot runs in float32 (XLA CPU has no
+Arrays are viewed chunk-major, ``(N, B, KV, group, C, dim)``: a key/value head broadcasts over its group of query
+heads (size-1 axis) inside the dots, so GQA never copies k or v, and the state scans walk the leading axis. The
+intermediates the passes hand each other (chunk states ``(N, B, KV, group, V, K)``, ``w``, ``u``, ``delta`` and
+their cotangents) stay in this layout. Sums of products are dots (``_tiles.row_dot`` etc.; see
+``docs/linear_attention_kernels.md``, "The CPU path"). On a CPU every dot runs in float32 (XLA CPU has no
 fast 16-bit GEMM); elsewhere dots take the inputs' dtype with float32 accumulation.
 """
 

@@ -174,10 +174,10 @@ class ChannelScores:
   ``r``: ``(q * exp(G - G_r)) (k * exp(G_r - G))^T`` with every factor in ``[e^-20, e^20]`` (the same trade as
   flash-linear-attention's ``safe_gate`` for bounded gates); otherwise :class:`SecondaryChunkScores`, exact for
   any decay. The choice is one ``lax.cond`` on the data, made again (identically) in the backward. The mild
-  form is computed outside the ``cond`` and only passed through it: XLA compiles a conditional's branches
-  apart, so inside one it neither fuses the form with the rest of the pass nor shares it between the
-  forward and the backward, which made a whole per-channel forward+backward about 2.5x slower at H=2,
-  K=V=32. When the spread is larger, that result may hold infinities; the ``cond`` discards it.
+  form is computed outside the ``cond`` and only passed through it, because XLA compiles a conditional's
+  branches apart: inside one the form is not fused with the rest of the pass and not shared between the
+  forward and the backward (about 15% more CPU time at H=2, K=V=32). When the spread is larger, that result
+  may hold infinities, and the ``cond`` discards it.
   """
 
   def __init__(self, q, k, G, sub: int, dtype):

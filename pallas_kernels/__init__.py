@@ -10,6 +10,7 @@ Public ops (layout ``(batch, seq, heads, head_dim)``; see each docstring):
 * :func:`spiking_scan` — leaky integrate-and-fire neurons over time (surrogate gradients).
 * :func:`biased_attention` — dense attention with a per-head score bias and weight (vision windows).
 * :func:`slstm` — the sLSTM recurrence of xLSTM (exponential gating, normaliser and stabiliser states).
+* :func:`long_conv` — causal convolution with a sequence-long filter per channel (Hyena, H3).
 
 Selection knobs: ``implementation=`` per call, ``with use("xla"):``, ``GATED_JAX_IMPL=xla``, and
 ``with interpret():`` to run the Pallas kernels in interpret mode on any backend. Auto selection picks a
@@ -24,11 +25,12 @@ from pallas_kernels.dispatch import (KNOWN_IMPLEMENTATIONS, FallbackWarning, cur
                                      interpret_mode, use)
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.linear_attention import delta_rule, delta_rule_step, linear_attention, linear_attention_step
+from pallas_kernels.long_conv import long_conv
 from pallas_kernels.slstm import SLSTMState, slstm
 from pallas_kernels.spiking_scan import spiking_scan
 
 __all__ = [
     "KNOWN_IMPLEMENTATIONS", "FallbackWarning", "SLSTMState", "attention", "biased_attention", "current_backend",
     "delta_rule", "delta_rule_step", "grouped_matmul", "interpret", "interpret_mode", "linear_attention",
-    "linear_attention_step", "slstm", "spiking_scan", "use",
+    "linear_attention_step", "long_conv", "slstm", "spiking_scan", "use",
 ]

@@ -17,7 +17,11 @@ Scales:
   values 128-255; Zoology's 8192 only makes the logits dominate the cost), widths {32, 64}, learning rates
   {3e-3, 1e-2}, batch 16, 900 steps of fresh examples (no epochs), 3 seeds. Attention's accuracy jumps from
   the 1/pairs plateau to ≈1 between steps ~300 and ~500 depending on the seed, so 900 steps leave it margin;
-  width 128 (and a third learning rate) would double the runtime, dominated by the delta-rule mixers.
+  width 128 (and a third learning rate) would double the runtime, dominated by the delta-rule mixers. The
+  gated-convolution baselines ``CONV_ROWS`` (Hyena, H3, Dauphin's GLU conv) run at width 64 and learning rate
+  1e-2 only: a training step of Hyena or H3 costs about 2.5x attention's on this CPU, the full grid would add
+  ~700 CPU-seconds, and this grid adds ~250 (at 1e-2, Hyena's pilot run beat 3e-3). Their claim compares them
+  with attention at width 64.
 * ``small`` (one accelerator): L=128 with 16 pairs, vocabulary 8192, widths {64, 128, 256}, Zoology's 4
   learning rates of Figure 2, 16 epochs of 100k examples.
 * ``paper``: Zoology's Figure 2 grid, (L, pairs) ∈ {(64, 4), (128, 8), (256, 16), (512, 64)}, widths
@@ -50,6 +54,8 @@ class Sweep:
     batch_size: ``seq_len -> batch`` (Zoology: 512 for L <= 128, 256 at 256, 128 at 512).
     compute_dtype: training compute dtype.
     steps_fresh: training steps when ``num_train_examples`` is None.
+    conv_widths: widths of the ``CONV_ROWS`` mixers (None: ``widths``).
+    conv_lrs: learning rates of the ``CONV_ROWS`` mixers (None: ``lrs``).
   """
   tasks: tuple[tuple[int, int], ...]
   widths: tuple[int, ...]
@@ -61,6 +67,14 @@ class Sweep:
   batch_size: dict[int, int]
   compute_dtype: str = "float32"
   steps_fresh: int = 0
+  conv_widths: tuple[int, ...] | None = None
+  conv_lrs: tuple[float, ...] | None = None
+
+  def widths_of(self, mixer: str) -> tuple[int, ...]:
+    return self.conv_widths if mixer in CONV_ROWS and self.conv_widths is not None else self.widths
+
+  def lrs_of(self, mixer: str) -> tuple[float, ...]:
+    return self.conv_lrs if mixer in CONV_ROWS and self.conv_lrs is not None else self.lrs
 
   def steps(self, seq_len: int) -> int:
     if self.num_train_examples is None:
@@ -71,11 +85,13 @@ class Sweep:
     return self.num_train_examples or self.steps(seq_len) * self.batch_size[seq_len]
 
 
+CONV_ROWS = ("hyena", "h3", "gated_conv")  # the gated-convolution baselines beside base_conv (Sweep.conv_*)
 _ZOOLOGY_LRS = (1e-4, 4.6e-4, 2.2e-3, 1e-2)  # logspace(-4, -2, 4)
 _ZOOLOGY_BATCH = {64: 512, 128: 512, 256: 256, 512: 128}
 SWEEPS = {
     "micro": Sweep(((32, 2),), (16,), (3e-3, 1e-2), 64, None, 32, 1.0, {32: 16}, steps_fresh=8),
-    "tiny": Sweep(((64, 8),), (32, 64), (3e-3, 1e-2), 256, None, 512, 1.0, {64: 16}, steps_fresh=900),
+    "tiny": Sweep(((64, 8),), (32, 64), (3e-3, 1e-2), 256, None, 512, 1.0, {64: 16}, steps_fresh=900,
+                  conv_widths=(64,), conv_lrs=(1e-2,)),
     "small": Sweep(((128, 16),), (64, 128, 256), _ZOOLOGY_LRS, 8192, 100_000, 3_000, 16, _ZOOLOGY_BATCH,
                    "bfloat16"),
     "paper": Sweep(((64, 4), (128, 8), (256, 16), (512, 64)), (64, 128, 256, 512), _ZOOLOGY_LRS, 8192,

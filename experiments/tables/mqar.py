@@ -7,15 +7,18 @@ writes the run grid (table.md, table.csv, runs.jsonl, plot.png, claims) and the 
 (summary.md and accuracy_vs_state.png: accuracy vs width and vs recurrent-state size, and the training
 accuracy curves).
 
-Every model is built as Zoology builds it: a BaseConv layer, then the mixer (``experiments/configs/mqar.py``).
-Mixers, each with its fla layer's own expansions and Zoology's settings: softmax ``attention`` (1 head, no
-positional encoding), ``base_conv`` alone (two BaseConv layers, Zoology's gated-convolution baseline),
-``linear_attention`` (2 heads, expand 1), ``gla`` (2 heads, expand_k 0.5), ``deltanet`` (2 heads, short
-conv, no output gate), ``gated_deltanet`` (2 heads of d/2, expand_v 2, no output gate). Their recurrent
-states at width d are d²/4 (GLA), d²/2 (linear attention, DeltaNet) and d² (Gated DeltaNet) floats, so
-the orderings are judged at equal state size, along the accuracy-vs-state curves. Each variant (mixer,
-task, width) trains its learning rates together (``_lr_sweep``) and reports the best final validation
-accuracy over them, as Zoology does; the seeds give the spread.
+Every model is built as Zoology builds it: a BaseConv layer, then the mixer (``experiments/configs/mqar.py``),
+except the gated-convolution baselines, which Zoology runs alone (the mixer in both layers): ``base_conv``
+(BaseConv), ``hyena`` (order-2 Hyena, arXiv 2302.10866), ``h3`` (arXiv 2212.14052, state size = sequence
+length and head dim 2 as in Zoology's Figure 2 config) and ``gated_conv`` (Dauphin et al.'s GLU convolution,
+arXiv 1612.08083, kernel 4). Mixers, each with its fla layer's own expansions and Zoology's settings:
+softmax ``attention`` (1 head, no positional encoding), ``linear_attention`` (2 heads, expand 1), ``gla``
+(2 heads, expand_k 0.5), ``deltanet`` (2 heads, short conv, no output gate), ``gated_deltanet`` (2 heads
+of d/2, expand_v 2, no output gate). Their recurrent states at width d are d²/4 (GLA), d²/2 (linear
+attention, DeltaNet) and d² (Gated DeltaNet) floats, so the orderings are judged at equal state size, along
+the accuracy-vs-state curves. Each variant (mixer, task, width) trains its learning rates together
+(``_lr_sweep``) and reports the best final validation accuracy over them, as Zoology does; the seeds give
+the spread.
 
 Claims (judged per seed and on the means, ``experiments/tables/common.py``):
 (a) attention solves MQAR: best accuracy ≥ 0.95 at every width ≥ 64 (Zoology: ≈ 1.0);
@@ -23,10 +26,17 @@ Claims (judged per seed and on the means, ``experiments/tables/common.py``):
 (c) at equal recurrent-state size, Gated DeltaNet and DeltaNet ≥ GLA ≥ linear attention (Zoology's README
     plot; piecewise-linear in log state between measured widths, at every state size both curves cover);
 (d) accuracy rises with state size: for every recurrent mixer, a wider model is at least as accurate
-    (within 0.02, the saturation at 1.0).
+    (within 0.02, the saturation at 1.0);
+(e) gated convolutions fall below attention at equal width (Zoology §3 and Figure 2: they need a width that
+    grows with the number of key-value pairs): every gated convolution more than 0.02 below attention.
 
 State size is the bytes of the mixer layers' float32 recurrent state (attention: its KV cache at the
-sequence length; short-conv windows excluded), batch 1, as Zoology's ``state_size`` × 4.
+sequence length; short-conv windows excluded), batch 1, as Zoology's ``state_size`` × 4. Hyena and H3
+decode from a cache of their long convolutions' inputs over the sequence, counted like attention's KV
+cache: Hyena ``L d`` floats per layer (Zoology's ``state_size``), H3 ``3 L d`` (``k`` and the ``k v^T``
+products at head dim 2). BaseConv and the GLU conv keep only short-conv windows, so their state is 0 here.
+The ``tiny`` scale runs the added gated convolutions (``mqar_config.CONV_ROWS``) at width 64 and one learning
+rate only (the config's docstring says why).
 """
 
 from __future__ import annotations
@@ -53,16 +63,25 @@ def _hybrid(mixer: str, kwargs: Mapping[str, Any], heads: int) -> dict[str, Any]
   return {"model.mixer": ("base_conv", mixer), "model.mixer_kwargs": ({}, dict(kwargs)), "model.num_heads": heads}
 
 
+def _alone(mixer: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """Zoology's gated-convolution models: the mixer in both layers."""
+  return {"model.mixer": mixer, "model.mixer_kwargs": dict(kwargs), "model.num_heads": 1}
+
+
 _CHUNK = 16  # the chunked ops' chunk length: the fastest on a CPU at these lengths (same numbers)
 MIXERS = {
     "attention": _hybrid("gated_attention", mqar_config.ATTENTION_KWARGS, 1),
-    "base_conv": {"model.mixer": "base_conv", "model.mixer_kwargs": {}, "model.num_heads": 1},
+    "base_conv": _alone("base_conv", {}),
+    "hyena": _alone("hyena", {}),
+    "h3": _alone("h3", {"head_dim": 2, "state_size": None}),  # Zoology's Figure 2: d_state = L, head_dim 2
+    "gated_conv": _alone("gated_conv", {"gate": "glu"}),
     "linear_attention": _hybrid("linear_attention", {"chunk_size": _CHUNK}, 2),
     "gla": _hybrid("gla", {"chunk_size": _CHUNK}, 2),
     "deltanet": _hybrid("deltanet", {"chunk_size": _CHUNK}, 2),
     "gated_deltanet": _hybrid("gated_deltanet", {"output_gate": "none", "chunk_size": _CHUNK}, 2),
 }
 RECURRENT = ("linear_attention", "gla", "deltanet", "gated_deltanet")
+GATED_CONVS = ("base_conv", *mqar_config.CONV_ROWS)
 MICRO_MIXERS = ("attention", "gla")
 SATURATION = 0.02  # (d): accuracies this close count as equal (curves saturating at 1.0)
 
@@ -94,7 +113,7 @@ def grid(scale: str) -> tuple[Point, ...]:
   """The variants of ``scale`` (``micro``: two mixers)."""
   sweep = mqar_config.SWEEPS[scale]
   mixers = MICRO_MIXERS if scale in common.HIDDEN_SCALES else tuple(MIXERS)
-  return tuple(Point(m, seq, kv, d) for m in mixers for seq, kv in sweep.tasks for d in sweep.widths)
+  return tuple(Point(m, seq, kv, d) for m in mixers for seq, kv in sweep.tasks for d in sweep.widths_of(m))
 
 
 _POINTS = {p.name: p for s in mqar_config.SWEEPS.values()
@@ -115,13 +134,18 @@ def _attention_solves(means: common.Means) -> bool:
   return min(scores) >= 0.95
 
 
-def _attention_above_recurrent(means: common.Means) -> bool:
+def _beside_attention(means: common.Means, mixers: Sequence[str]) -> list[tuple[float, float]]:
+  """``(attention, other)`` best accuracies of every ``mixers`` entry at a task and width attention also ran."""
   best = best_over_lr(means)
   pairs = [(acc, best[(m, seq, d)]) for (m0, seq, d), acc in best.items() if m0 == "attention"
-           for m in RECURRENT if (m, seq, d) in best]
+           for m in mixers if (m, seq, d) in best]
   if not pairs:
-    raise KeyError("accuracy of attention and a recurrent mixer at a shared width")
-  return all(attention >= other for attention, other in pairs)
+    raise KeyError(f"accuracy of attention and one of {', '.join(mixers)} at a shared width")
+  return pairs
+
+
+def _attention_above_recurrent(means: common.Means) -> bool:
+  return all(attention >= other for attention, other in _beside_attention(means, RECURRENT))
 
 
 def state_curve(means: common.Means, mixer: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +171,10 @@ def at_least_at_equal_state(means: common.Means, upper: str, lower: str) -> bool
   if not judged:
     raise KeyError(f"accuracy of {upper} and {lower} at overlapping state sizes")
   return True
+
+
+def _convs_below_attention(means: common.Means) -> bool:
+  return all(attention > conv + SATURATION for attention, conv in _beside_attention(means, GATED_CONVS))
 
 
 def _delta_above_gla_above_linear(means: common.Means) -> bool:
@@ -212,8 +240,9 @@ class MQARTable(Table):
     point = _POINTS[variant]
     sweep = mqar_config.SWEEPS[scale]
     config = mqar_config.get_config(scale)
-    overrides = mqar_config.run_overrides(sweep, point.seq_len, point.num_kv_pairs, point.d_model, sweep.lrs[0])
-    config = common.apply_overrides(config, {**overrides, **MIXERS[point.mixer]})
+    lrs = sweep.lrs_of(point.mixer)
+    overrides = mqar_config.run_overrides(sweep, point.seq_len, point.num_kv_pairs, point.d_model, lrs[0])
+    config = common.apply_overrides(config, {**overrides, **MIXERS[point.mixer], "optim.lr_sweep": lrs})
     config.seed = int(config.get("seed", 0)) + seed
     return config
 
@@ -238,6 +267,8 @@ TABLE = MQARTable(
               "attention", (), _delta_above_gla_above_linear),
         Claim("state", f"accuracy rises with state size for every recurrent mixer (within {SATURATION})", (),
               _rises_with_state),
+        Claim("convs<attention", f"gated convolutions (BaseConv, Hyena, H3, GLU conv) are more than {SATURATION} "
+              "below attention at every width both ran (Zoology §3)", (), _convs_below_attention),
     ),
     micro_variants=tuple(p.name for p in grid("micro")),
     summary=lambda out_dir: write_summary(out_dir),  # pylint: disable=unnecessary-lambda (defined below)

@@ -101,6 +101,6 @@ TABLE = Table(
     ),
     micro_variants=("attention", "symboliclight"),
     runner=run,
-    default_seeds=1,
+    default_seeds=3,
     baseline="attention",
 )

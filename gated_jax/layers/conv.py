@@ -6,15 +6,21 @@ segment, continuing in decode from the cached last ``K - 1`` inputs. ``ShortConv
 (fla ``ShortConvolution``; Mamba arXiv 2312.00752 §3.4, DeltaNet arXiv 2406.06484 §3.3):
 ``y_t = act(sum_{i<K} w_i * x_{t-K+1+i} + b)`` per channel, kernel 4, no bias, optional SiLU. The gated
 convolutions of ``gated_conv`` mix channels with the same taps.
+
+``cached_long_conv`` is the sequence-long convolution of Hyena and H3 (``pallas_kernels.long_conv``) with its
+decode cache: every input to the convolution so far, ``(B, max_len, C)`` float32, like attention's KV cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+import pallas_kernels
 
 CACHE_MODES = ("off", "init", "step")
 
@@ -48,6 +54,30 @@ def causal_taps(module: nn.Module, x_BTC: jax.Array, segment_ids: jax.Array | No
     same = (seg_ext[:, i:i + seq] == segment_ids).astype(x_BTC.dtype)
     taps.append(x_ext[:, i:i + seq] * same.reshape(batch, seq, *(1,) * len(channels)))
   return jnp.stack(taps)
+
+
+def cached_long_conv(module: nn.Module, u_BTC: jax.Array, kernel_fn: Callable[[int], jax.Array],
+                     segment_ids: jax.Array | None, cache_mode: str, max_len: int, name: str = "inputs") -> jax.Array:
+  """``pallas_kernels.long_conv(u, kernel_fn(T))``, continuing a decode.
+
+  ``kernel_fn(n)`` gives the first ``n`` filter taps ``(n, C)``. ``cache_mode`` as in :func:`causal_taps`:
+  "init" creates ``module``'s ``("cache", name)``, ``(B, max_len, C)`` float32 zeros; "step" writes ``u`` at
+  the module's ``cache_index``, convolves the whole buffer with the ``max_len``-tap filter and returns the
+  outputs of the new positions: ``O(max_len log max_len)`` per channel and call, whatever the number of new
+  tokens. Decoding past ``max_len`` tokens is not supported (the write would be clamped), and a decode call
+  takes no ``segment_ids`` (the buffer holds one sequence per row; the caller rejects them).
+  """
+  if cache_mode not in CACHE_MODES:
+    raise ValueError(f"cache_mode: got {cache_mode!r}; allowed: {', '.join(map(repr, CACHE_MODES))}")
+  batch, seq, channels = u_BTC.shape
+  if cache_mode != "off":
+    inputs = module.variable("cache", name, jnp.zeros, (batch, max_len, channels), jnp.float32)
+  if cache_mode != "step":
+    return pallas_kernels.long_conv(u_BTC, kernel_fn(seq), segment_ids=segment_ids)
+  index = module.get_variable("cache", "cache_index")
+  inputs.value = jax.lax.dynamic_update_slice_in_dim(inputs.value, u_BTC.astype(jnp.float32), index, axis=1)
+  y_all = pallas_kernels.long_conv(inputs.value, kernel_fn(max_len))
+  return jax.lax.dynamic_slice_in_dim(y_all, index, seq, axis=1).astype(u_BTC.dtype)
 
 
 def pytorch_uniform(fan_in: int):

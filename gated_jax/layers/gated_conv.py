@@ -40,7 +40,7 @@ _TWO_BRANCH = ("glu", "gtu", "bilinear")
 ZOOLOGY_INIT_STD = 0.02  # Zoology's _init_weights: every nn.Linear N(0, 0.02), bias 0 (convs keep PyTorch's)
 
 
-class _ConvMixer(nn.Module):
+class ConvMixer(nn.Module):
   """Shared fields and input checks of the convolutional mixers.
 
   Attributes:
@@ -79,7 +79,7 @@ class _ConvMixer(nn.Module):
 
 
 @MIXERS.register("base_conv")
-class BaseConv(_ConvMixer):
+class BaseConv(ConvMixer):
   """Zoology's BaseConv (module docstring): ``(W u + b) ⊙ conv(u) + u``.
 
   Attributes:
@@ -113,7 +113,7 @@ class BaseConv(_ConvMixer):
 
 
 @MIXERS.register("gated_conv")
-class GatedConv(_ConvMixer):
+class GatedConv(ConvMixer):
   """Dauphin et al.'s gated causal convolution layer (module docstring); output width D, no projection
   after the gate (the model's residual block wraps it, as the paper's residual blocks do).
 

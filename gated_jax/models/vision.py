@@ -77,8 +77,10 @@ class VisionClassifier(nn.Module):
     return tuple(specs)
 
   @nn.compact
-  def __call__(self, images_BHWC: jax.Array) -> jax.Array:
-    """Logits ``(B, num_classes)`` float32 for images ``(B, height, width, channels)``."""
+  def __call__(self, images_BHWC: jax.Array, *, block_outputs: bool = False) -> jax.Array:
+    """Logits ``(B, num_classes)`` float32 for images ``(B, height, width, channels)``; with ``block_outputs``
+    instead the token states after every block, ``(num_layers, B, tokens, d_model)``, and no final norm or head
+    (the multi-exit models of ``gated_jax.models.early_exit`` put their own heads on them)."""
     specs = self.block_specs()
     _checks.check_array("images_BHWC", images_BHWC, rank=4, layout="(batch, height, width, channels)")
     if tuple(images_BHWC.shape[1:3]) != tuple(self.image_size):
@@ -93,6 +95,7 @@ class VisionClassifier(nn.Module):
     if self.position_embedding:
       x = x + self.param("position_embedding", nn.initializers.normal(0.02), (rows * cols, self.d_model))
     hidden = self.mlp_hidden_dim or 4 * self.d_model
+    states = []
     for i, (name, kwargs) in enumerate(specs):
       h = nn.LayerNorm(dtype=self.dtype, name=f"block_{i}_mixer_norm")(x)
       x = x + VISION_MIXERS.get(name)(name=f"block_{i}_mixer", **kwargs)(h)
@@ -100,5 +103,8 @@ class VisionClassifier(nn.Module):
         h = nn.LayerNorm(dtype=self.dtype, name=f"block_{i}_mlp_norm")(x)
         x = x + MLPS.get(self.mlp)(d_model=self.d_model, hidden_dim=hidden, dtype=self.dtype,
                                    name=f"block_{i}_mlp")(h)
+      states.append(x)
+    if block_outputs:
+      return jnp.stack(states)
     x = nn.LayerNorm(dtype=jnp.float32, name="final_norm")(x).mean(axis=1)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

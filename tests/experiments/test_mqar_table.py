@@ -11,8 +11,10 @@ from experiments.configs import mqar as mqar_config
 from experiments.tables import common, mqar
 
 # Recurrent state in floats at width d (the table's mixers): GLA d²/4, linear attention and DeltaNet d²/2,
-# Gated DeltaNet d²; attention's KV cache 2 L d.
-STATE_FACTOR = {"gla": 0.25, "linear_attention": 0.5, "deltanet": 0.5, "gated_deltanet": 1.0, "base_conv": 0.0}
+# Gated DeltaNet d²; attention's KV cache 2 L d, Hyena's input caches 2 L d, H3's 6 L d (2 layers).
+STATE_FACTOR = {"gla": 0.25, "linear_attention": 0.5, "deltanet": 0.5, "gated_deltanet": 1.0, "base_conv": 0.0,
+                "gated_conv": 0.0}
+SEQUENCE_STATE = {"attention": 2, "hyena": 2, "h3": 6}  # times L d
 
 
 def _means(accuracy, scale="small"):  # widths 64, 128, 256
@@ -20,7 +22,8 @@ def _means(accuracy, scale="small"):  # widths 64, 128, 256
   means = {}
   for p in mqar.grid(scale):
     acc = accuracy.get(p.mixer, 0.5)
-    state = 2 * p.seq_len * p.d_model if p.mixer == "attention" else STATE_FACTOR[p.mixer] * p.d_model ** 2
+    state = SEQUENCE_STATE[p.mixer] * p.seq_len * p.d_model if p.mixer in SEQUENCE_STATE else \
+        STATE_FACTOR[p.mixer] * p.d_model ** 2
     means[p.name] = {"accuracy": acc[p.d_model] if isinstance(acc, dict) else acc, "state_bytes": 4 * state}
   return means
 
@@ -29,7 +32,9 @@ def test_registered_and_grid():
   assert tables.get("mqar") is mqar.TABLE and mqar.TABLE.default_seeds == 3
   sweep = mqar_config.SWEEPS["tiny"]
   assert sweep.tasks[0][1] >= 8 and len(sweep.lrs) >= 2 and sweep.num_train_examples is None  # fresh data
-  assert len(mqar.TABLE.run_variants("tiny")) == len(mqar.MIXERS) * len(sweep.tasks) * len(sweep.widths)
+  widths = {m: sweep.widths if m not in mqar_config.CONV_ROWS else sweep.conv_widths for m in mqar.MIXERS}
+  assert len(mqar.TABLE.run_variants("tiny")) == sum(map(len, widths.values())) * len(sweep.tasks)
+  assert sweep.conv_widths == (64,) and set(mqar_config.CONV_ROWS) < set(mqar.MIXERS)
   paper = mqar.grid("paper")
   assert {p.d_model for p in paper} == {64, 128, 256, 512} and len(mqar_config.SWEEPS["paper"].lrs) == 4
   with pytest.raises(ValueError, match="scale"):
@@ -45,6 +50,9 @@ def test_config_of_a_point():
   assert config.data.name == "mqar" and config.data.seq_len == point.seq_len == config.model.max_len
   assert config.data.vocab_size == config.model.vocab_size == 8192
   assert config.train.steps == round(16 * 100_000 / 512)
+  hyena = mqar.TABLE.config("tiny", "hyena L64/kv8 d64")
+  assert hyena.model.mixer == "hyena" and tuple(hyena.optim.lr_sweep) == mqar_config.SWEEPS["tiny"].conv_lrs
+  assert hyena.model.max_len == 64  # Zoology: the filter spans l_max = the sequence length
   tiny = mqar.TABLE.config("tiny", mqar.grid("tiny")[0].name)
   assert tiny.data.num_train_examples == tiny.train.steps * tiny.data.batch_size  # fresh examples every step
   with pytest.raises(ValueError, match="variant"):
@@ -63,6 +71,14 @@ def test_claims_on_synthetic_means():
   assert not mqar._attention_above_recurrent(_means({**ordered, "attention": {64: 1.0, 128: 0.85, 256: 1.0}}))
   assert not mqar._rises_with_state(_means({**ordered, "gla": {64: 0.3, 128: 0.5, 256: 0.45}}))
   assert mqar._rises_with_state(_means({**ordered, "gla": {64: 0.3, 128: 0.99, 256: 0.98}}))  # saturated
+
+
+def test_gated_convolutions_below_attention_claim():
+  below = dict(attention=1.0, base_conv=0.3, hyena={64: 0.6, 128: 0.9, 256: 0.97}, h3=0.5, gated_conv=0.1)
+  assert mqar._convs_below_attention(_means(below))
+  assert not mqar._convs_below_attention(_means({**below, "hyena": {64: 0.6, 128: 0.9, 256: 0.99}}))
+  with pytest.raises(KeyError):
+    mqar._convs_below_attention({})
 
 
 def test_orderings_are_judged_at_equal_state_not_equal_width():

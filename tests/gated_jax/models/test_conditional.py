@@ -26,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 V, T, KEY = 32, 10, jax.random.PRNGKey(0)
 TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, V)
 CAUSAL_MIXERS = tuple(n for n in MIXERS.names() if n not in ("lina",))  # LINA is non-causal (no decode path)
+# Non-default settings that keep the gates' spread (head_dim 2: H3 as Zoology's MQAR runs it, outer products).
+_MIXER_KWARGS = {"gated_attention": {"gate_position": "none"}, "h3": {"head_dim": 2}}
 
 
 def _lm(**kwargs):
@@ -66,7 +68,7 @@ def _decode(model, params, tokens, prefill=4):
 
 def _threshold_model(mixer):
   """Noisy gates (importance spread around 1/2) and the causal threshold rule at 1/2 in every module."""
-  return _lm(mixer=mixer, mixer_kwargs={"gate_position": "none"} if mixer == "gated_attention" else {},
+  return _lm(mixer=mixer, mixer_kwargs=_MIXER_KWARGS.get(mixer, {}),
              gateskip={"kernel_stddev": 1.0, "bias_init": 0.0, "rule": "threshold", "thresholds": (0.5,) * 4})
 
 

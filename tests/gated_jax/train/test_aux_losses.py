@@ -98,8 +98,8 @@ def test_a_sown_loss_without_a_weight_is_an_error():
 
 
 def test_moe_lm_logs_each_layers_aux_losses_and_their_sum():
-  model = DecoderLM(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mixer="gated_attention", mlp="moe",
-                    mlp_hidden_dim=8, max_len=8, mlp_kwargs={"num_experts": 4, "k": 2})
+  model = DecoderLM(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mixer="base_conv", mlp="moe",  # cheap
+                    mlp_hidden_dim=8, max_len=8, mlp_kwargs={"num_experts": 4, "k": 2, "dispatch": "capacity"})
   fns = step.StepFns(model, optax.sgd(0.1), optax.constant_schedule(0.1),
                      aux_loss_weights=(("load_balance", 1e-2), ("router_z", 1e-3)))
   state, batch = _state_and_batch(fns)

@@ -63,7 +63,6 @@ replications, 2000 iterations.
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -73,6 +72,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.tables import common
 from experiments.tables.common import Claim, Metric, Table
 
 _LAPLACE_SCALE = 10.0
@@ -335,7 +335,7 @@ def loglog_plot(out_dir: pathlib.Path) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(out_dir)
   fig, ax = plt.subplots(figsize=(7, 5))
   for run in runs:
     n = np.array([h["step"] for h in run["history"]], float)

@@ -3,7 +3,6 @@ micro scale; ``gaussian_moe``'s estimator, loss and slopes, and its micro run.""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ def test_moe_routers_declares_every_router_at_equal_active_parameters():
 def test_moe_routers_micro_end_to_end(tmp_path):
   table = tables.get("moe_routers")
   text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "moe_routers" / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(tmp_path / "moe_routers")
   assert [r["variant"] for r in runs] == list(table.micro_variants)
   metrics = {r["variant"]: r["metrics"] for r in runs}
   assert metrics["softmax"]["dropped_fraction"] == 0.0 and metrics["softmax"]["active_experts"] == 2.0
@@ -85,5 +84,5 @@ def test_gaussian_moe_micro_end_to_end(tmp_path):
   text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
   out = tmp_path / "gaussian_moe"
   assert (out / "loglog.png").stat().st_size > 0 and "loglog.png" in text
-  run = json.loads((out / "runs.jsonl").read_text().splitlines()[0])
+  run = common.read_runs(out)[0]
   assert [h["step"] for h in run["history"]] == [100, 1000] and np.isfinite(run["metrics"]["slope"])

@@ -338,6 +338,11 @@ def plot(table: Table, runs: Sequence[Mapping[str, Any]], path: pathlib.Path, ti
   plt.close(fig)
 
 
+def read_runs(out_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of ``<out_dir>/runs.jsonl`` (one per (variant, seed), as ``write_results`` wrote them)."""
+  return [json.loads(line) for line in (pathlib.Path(out_dir) / "runs.jsonl").read_text().splitlines() if line]
+
+
 def write_results(table: Table, scale: str, seeds: int, runs: Sequence[Mapping[str, Any]],
                   out_dir: pathlib.Path, wall_s: float | None = None) -> str:
   """Writes table.md, table.csv, runs.jsonl and plot.png into ``out_dir``; returns the markdown table."""

@@ -251,7 +251,7 @@ def accuracy_cost_plot(out_dir: pathlib.Path) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(out_dir)
   stats = common.aggregate(runs, ("accuracy", "cost", "ece"))
   series = {"max-softmax cascade": [cascade(t) for t in THRESHOLDS], "JEI-DNN": [jei(t) for t in TRADEOFFS],
             FULL: [FULL]}

@@ -50,7 +50,6 @@ Scales:
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -243,7 +242,7 @@ def write_summary(out_dir: pathlib.Path) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(out_dir)
   means = {v: {k: x for k, (x, _) in m.items()} for v, m in common.aggregate(
       runs, sorted({k for r in runs for k in r["metrics"]})).items()}
   curves: dict[str, list[tuple[float, float]]] = {}

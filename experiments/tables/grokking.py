@@ -49,7 +49,6 @@ Scales:
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from collections.abc import Mapping
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from experiments.tables import common
 from experiments.tables.common import Claim, Metric, Table
 from gated_jax.data.modular import modular_arithmetic
 from gated_jax.train import losses
@@ -223,7 +223,7 @@ def _claims(task: str) -> tuple[Claim, ...]:
 
 
 def _runs(out_dir: pathlib.Path) -> list[Mapping[str, Any]]:
-  return [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+  return common.read_runs(out_dir)
 
 
 def summary(out_dir: pathlib.Path) -> str:

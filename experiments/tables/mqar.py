@@ -335,7 +335,7 @@ def _paper_reading(mixer: str, d_model: int) -> str:
 
 def write_summary(out_dir: pathlib.Path) -> str:
   """Writes ``summary.md`` and ``accuracy_vs_state.png`` from ``out_dir/runs.jsonl``; returns the markdown."""
-  runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines() if line]
+  runs = common.read_runs(out_dir)
   rows = summarize(runs)
   lines = ["# MQAR: best accuracy over learning rates vs width and recurrent-state size", "",
            "Mean ± std over seeds of each seed's best-over-lr validation accuracy (the seeds' values and best "

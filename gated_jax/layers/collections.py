@@ -5,7 +5,8 @@ the training step. The names below are the whole contract between ``gated_jax.la
   ``sow_aux_loss(self, "load_balance", value)`` with a dimensionless scalar (a mean over this call's tokens).
   The trainer adds ``weight[name] * value`` summed over every layer that sowed ``name`` to the token
   cross-entropy, with the weights of ``config.train.aux_loss_weights``; a name sown without a configured weight
-  is an error, so no loss is ever added (or dropped) silently. Outside training the sow is a no-op.
+  is an error, so no loss is ever added (or dropped) silently. It logs the (unweighted) sum as ``aux/name`` and
+  each layer as ``aux/path/name`` (e.g. ``aux/layer_1/mlp/load_balance``). Outside training the sow is a no-op.
 * **Per-layer metrics** (load per expert, dropped fraction, router entropy, spike rate):
   ``sow_metric(self, "spike_rate", value)``; the trainer logs the mean over layers as ``name`` and each layer as
   ``path/name`` (e.g. ``layer_1/mlp/dropped_fraction``) in ``metrics.jsonl`` and TensorBoard.

@@ -8,7 +8,8 @@ mesh, the number of gradient-accumulation microbatches or the pmap device count.
 Layers' auxiliary losses and metrics (``gated_jax.layers.collections``) ride along: each microbatch's sown
 auxiliary losses, times ``aux_loss_weights[name]`` and times the microbatch's token weight, join the
 cross-entropy sum, so the total stays a token-weighted mean over the global batch; sown metrics are averaged
-the same way. Training steps pass a per-step key of the ``NOISE_RNG`` stream (folded with the step, the
+the same way. Both are logged per layer too: ``aux/<path>/<name>`` beside the summed ``aux/<name>``, and
+``<path>/<name>`` beside the mean ``<name>``. Training steps pass a per-step key of the ``NOISE_RNG`` stream (folded with the step, the
 microbatch and, under pmap, the device) and the step number; evaluation passes neither. Parameter updates that
 layers sow (``sow_param_update``) are averaged like the metrics and added to their parameters after the
 optimizer step.
@@ -50,20 +51,23 @@ def _apply(model: DecoderLM, params: Any, batch: Batch, **kwargs) -> Any:
   return model.apply({"params": params}, batch["inputs"], **extra, **kwargs)
 
 
-def _by_name(sown: Any, *, per_layer: bool) -> dict[str, jax.Array]:
-  """Sown scalars (nested by module path, a tuple per call) -> ``name`` (summed over layers, for losses) or
-  ``name`` (mean over layers) plus ``path/name`` per layer (for metrics)."""
+def _by_name(sown: Any, *, reduce: Callable[[jax.Array], jax.Array]
+             ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Sown scalars (nested by module path, a tuple per call) -> (``name`` reduced over layers by ``reduce``:
+  ``jnp.sum`` for losses, ``jnp.mean`` for metrics; ``path/name`` per layer)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown), sep="/")
   grouped: dict[str, list[jax.Array]] = {}
-  out: dict[str, jax.Array] = {}
+  per_layer: dict[str, jax.Array] = {}
   for path, calls in flat.items():
-    value = jnp.mean(jnp.stack([jnp.asarray(c, jnp.float32) for c in calls]))
-    grouped.setdefault(path.rsplit("/", 1)[-1], []).append(value)
-    if per_layer:
-      out[path] = value
-  for name, values in grouped.items():
-    out[name] = jnp.mean(jnp.stack(values)) if per_layer else jnp.sum(jnp.stack(values))
-  return out
+    per_layer[path] = jnp.mean(jnp.stack([jnp.asarray(c, jnp.float32) for c in calls]))
+    grouped.setdefault(path.rsplit("/", 1)[-1], []).append(per_layer[path])
+  return {name: reduce(jnp.stack(values)) for name, values in grouped.items()}, per_layer
+
+
+def _summed_aux(metrics: dict[str, Any]) -> dict[str, Any]:
+  """The ``aux/<name>`` entries of a metrics dict (summed over layers; not the per-layer ``aux/<path>/<name>``),
+  keyed by ``name``."""
+  return {k[4:]: v for k, v in metrics.items() if k.startswith("aux/") and "/" not in k[4:]}
 
 
 def aux_loss_total(aux: dict[str, jax.Array], weights: dict[str, float]) -> jax.Array:
@@ -134,15 +138,17 @@ class StepFns:
   def _forward_sums(self, params: Any, batch: Batch, train: bool = False, **kwargs
                     ) -> tuple[jax.Array, dict[str, Any]]:
     """``(objective sum, sums)`` of one (micro)batch: cross-entropy plus weighted auxiliary losses, each times
-    the token weight; ``sums`` holds ``loss``, ``correct``, ``weight`` and weight-times ``aux/*`` and metrics
+    the token weight; ``sums`` holds ``loss``, ``correct``, ``weight`` and weight-times ``aux/<name>`` (summed
+    over layers), ``aux/<path>/<name>`` (each layer), the metrics' ``name`` (mean over layers) and ``path/name``
     (and, in training, weight-times the sown parameter updates under ``PARAM_UPDATES``)."""
     collections = [AUX_LOSS, LAYER_METRICS] + ([PARAM_UPDATES] if train else [])
     logits, sown = _apply(self.model, params, batch, mutable=collections, **kwargs)
     loss, correct, weight = weighted_sums(logits, batch)
-    aux = _by_name(sown.get(AUX_LOSS, {}), per_layer=False)
+    aux, aux_per_layer = _by_name(sown.get(AUX_LOSS, {}), reduce=jnp.sum)
     objective = loss + weight * aux_loss_total(aux, dict(self.aux_loss_weights))
-    layer_metrics = _by_name(sown.get(LAYER_METRICS, {}), per_layer=True)
-    weighted = {**{f"aux/{k}": v for k, v in aux.items()}, **layer_metrics}
+    metric_means, metric_per_layer = _by_name(sown.get(LAYER_METRICS, {}), reduce=jnp.mean)
+    weighted = {**{f"aux/{k}": v for k, v in {**aux_per_layer, **aux}.items()}, **metric_per_layer,
+                **metric_means}
     sums = {"loss": loss, "correct": correct, "weight": weight, **{k: weight * v for k, v in weighted.items()}}
     if train:
       sums[PARAM_UPDATES] = jax.tree.map(lambda calls: weight * jnp.mean(jnp.stack(calls), axis=0),
@@ -174,7 +180,8 @@ class StepFns:
 
   def train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step on the global batch; metrics ``loss`` (cross-entropy), ``accuracy``, ``grad_norm``,
-    ``lr``, ``finite``, plus ``aux/<name>`` (unweighted, summed over layers) and the layers' sown metrics."""
+    ``lr``, ``finite``, plus ``aux/<name>`` (unweighted, summed over layers: what the objective adds),
+    ``aux/<path>/<name>`` per layer (e.g. ``aux/layer_1/mlp/load_balance``) and the layers' sown metrics."""
     sums, grads = self._reduce(self._sums_and_grads(state["params"], batch, self._step_key(state), state["step"]))
     denom = jnp.maximum(sums.pop("weight"), 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -184,8 +191,7 @@ class StepFns:
     grad_norm = optax.tree.norm(grads)
     metrics = {k: v / denom for k, v in sums.items()}
     metrics["accuracy"] = metrics.pop("correct")
-    total = metrics["loss"] + aux_loss_total({k[4:]: v for k, v in metrics.items() if k.startswith("aux/")},
-                                             dict(self.aux_loss_weights))
+    total = metrics["loss"] + aux_loss_total(_summed_aux(metrics), dict(self.aux_loss_weights))
     metrics.update(grad_norm=grad_norm, lr=self.schedule(state["step"]),
                    finite=jnp.isfinite(total) & jnp.isfinite(grad_norm))
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}

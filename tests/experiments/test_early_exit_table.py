@@ -3,7 +3,6 @@ end (warm-up, cascade, JEI-DNN, the accuracy–cost plot)."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -47,7 +46,7 @@ def test_claim_judges(jei_gap, ece_gap, cheap_accuracy, expected):
 def test_micro_end_to_end(tmp_path, fast_compile):
   text = common.reproduce(ee_table.TABLE, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
   out = tmp_path / "early_exit"
-  runs = {r["variant"]: r["metrics"] for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+  runs = {r["variant"]: r["metrics"] for r in common.read_runs(out)}
   assert list(runs) == list(ee_table.TABLE.micro_variants)
   for metrics in runs.values():
     fractions = np.array([metrics["exit_0"], metrics["exit_1"]])

@@ -1,7 +1,6 @@
 """Tests for the grokking table (experiments/tables/grokking.py): the claims on constructed runs, the MLP's
 first layer against the one-hot product, and a micro reproduction."""
 
-import json
 import math
 
 import jax
@@ -62,7 +61,7 @@ def test_micro_reproduction(tmp_path):
   out = tmp_path / "grokking"
   for name in ("table.md", "runs.jsonl", "plot.png", "summary.md", "curves.png"):
     assert (out / name).stat().st_size > 0, name
-  runs = {r["variant"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+  runs = {r["variant"]: r for r in common.read_runs(out)}
   assert list(runs) == list(grokking.TABLE.micro_variants)
   for run in runs.values():
     history = run["history"]

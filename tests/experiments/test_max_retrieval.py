@@ -1,7 +1,6 @@
 """Tests for the max-retrieval table (experiments/tables/max_retrieval.py): the sampled sets, the claims on
 constructed means, and a micro reproduction at n = 16 (the softmax row obeys the dispersion bound)."""
 
-import json
 
 import jax
 import numpy as np
@@ -48,8 +47,7 @@ def test_claims_on_constructed_means(changes, failing):
 @pytest.mark.usefixtures("fast_compile")
 def test_micro_reproduction(tmp_path):
   text = common.reproduce(tables.get("max_retrieval"), scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  lines = (tmp_path / "max_retrieval" / "runs.jsonl").read_text().splitlines()
-  runs = {r["variant"]: r for r in map(json.loads, lines)}
+  runs = {r["variant"]: r for r in common.read_runs(tmp_path / "max_retrieval")}
   assert list(runs) == ["softmax", "adaptive"]
   assert runs["softmax"]["history"] == runs["adaptive"]["history"]  # one training, two inference rules
   for row in runs.values():

@@ -3,7 +3,6 @@ micro scale; ``gaussian_moe``'s estimator, loss and slopes, and its micro run.""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,8 @@ def test_moe_routers_declares_every_router_at_equal_active_parameters():
 @pytest.mark.usefixtures("fast_compile")
 def test_moe_routers_micro_end_to_end(tmp_path):
   table = tables.get("moe_routers")
-  text = common.reproduce(table, scale="micro", out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "moe_routers" / "runs.jsonl").read_text().splitlines()]
+  text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
+  runs = common.read_runs(tmp_path / "moe_routers")
   assert [r["variant"] for r in runs] == list(table.micro_variants)
   metrics = {r["variant"]: r["metrics"] for r in runs}
   assert metrics["softmax"]["dropped_fraction"] == 0.0 and metrics["softmax"]["active_experts"] == 2.0
@@ -56,6 +55,17 @@ def test_voronoi_loss_is_zero_at_the_truth_and_sums_cell_masses():
   assert got == pytest.approx(2 * np.exp(-8.0) / 2 * 0.125 ** 4, abs=5e-10)
 
 
+def test_temperature_gate_cells_weigh_experts_by_their_gate_mass():
+  truth = gaussian_moe.truth("activation")  # τ = 0.1: an expert's gate mass is exp(β0 / τ)
+  split = {k: jnp.concatenate([v[:1], v]) if v.ndim else v for k, v in truth.items()}
+  split["beta0"] = split["beta0"].at[:2].add(-0.1 * np.log(2))  # two halves of the first true expert
+  assert float(gaussian_moe.voronoi_loss("activation", split, cell_exponent=4.0)) == pytest.approx(0.0, abs=1e-6)
+  heavier = {**split, "beta0": split["beta0"].at[0].add(0.1 * np.log(2))}  # cell mass 1.5 times the true one
+  want = 0.5 * np.exp(-0.5 / 0.1)
+  got = float(gaussian_moe.voronoi_loss("activation", heavier, cell_exponent=4.0))
+  assert got == pytest.approx(want, rel=1e-3)
+
+
 @pytest.mark.slow
 def test_em_recovers_the_softmax_truth():
   x, y = gaussian_moe.sample("softmax", jax.random.PRNGKey(0), 4000)
@@ -71,8 +81,8 @@ def test_slope_is_the_log_log_fit():
 
 def test_gaussian_moe_micro_end_to_end(tmp_path):
   table = tables.get("gaussian_moe")
-  text = common.reproduce(table, scale="micro", out=tmp_path, log=lambda _: None)
+  text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
   out = tmp_path / "gaussian_moe"
   assert (out / "loglog.png").stat().st_size > 0 and "loglog.png" in text
-  run = json.loads((out / "runs.jsonl").read_text().splitlines()[0])
+  run = common.read_runs(out)[0]
   assert [h["step"] for h in run["history"]] == [100, 1000] and np.isfinite(run["metrics"]["slope"])

@@ -1,7 +1,6 @@
 """Tests for the MQAR table (experiments/tables/mqar.py), its config (experiments/configs/mqar.py) and the
 vmapped learning-rate sweep (experiments/tables/_lr_sweep.py)."""
 
-import json
 
 import pytest
 
@@ -98,7 +97,7 @@ def test_micro_run_writes_files_and_verdicts(tmp_path, capsys):
     assert (out_dir / name).stat().st_size > 0, name
   printed = capsys.readouterr().out
   assert "best accuracy over learning rates vs width and recurrent-state size" in printed
-  runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(out_dir)
   assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
       (p.name, s) for p in mqar.grid("micro") for s in range(2))
   state = {mqar._POINTS[r["variant"]].mixer: r["metrics"]["state_bytes"] for r in runs}

@@ -1,7 +1,6 @@
 """Tests for the softmax-alternatives table (experiments/tables/softmax_alternatives.py): the attention
 statistics on known weights, the claims on constructed means, and a micro reproduction."""
 
-import json
 
 import numpy as np
 import pytest
@@ -82,7 +81,7 @@ def test_claims_on_constructed_means(changes, failing):
 def test_micro_reproduction(tmp_path):
   table = tables.get("softmax_alternatives")
   text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "softmax_alternatives" / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(tmp_path / "softmax_alternatives")
   assert [r["variant"] for r in runs] == ["softpick"]
   metrics = runs[0]["metrics"]
   assert {k.key for k in table_module.METRICS} - set(table_module.ROW_METRICS) <= set(metrics)

@@ -4,7 +4,6 @@ table end to end."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +57,7 @@ def test_spiking_lm_variants_build_and_report_sparsity(monkeypatch):
 def test_ultralif_micro_reproduction(tmp_path):
   table = dataclasses.replace(tables.get("ultralif"), micro_variants=("UltraLIF T=1",))  # one compile
   text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "ultralif" / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(tmp_path / "ultralif")
   assert [r["variant"] for r in runs] == list(table.micro_variants)
   for run in runs:
     assert 0.0 <= run["metrics"]["accuracy"] <= 1.0 and 0.0 < run["metrics"]["spike_rate"] < 1.0
@@ -73,7 +72,7 @@ def test_spiking_surrogates_micro_reproduction(tmp_path):
   surrogate and dataset recorded, the claims reported as not judged (their variants were not run)."""
   table = tables.get("spiking_surrogates")
   text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "spiking_surrogates" / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(tmp_path / "spiking_surrogates")
   assert [r["variant"] for r in runs] == list(table.micro_variants)
   for run in runs:
     assert 0.0 <= run["metrics"]["accuracy"] <= 1.0 and 0.0 < run["metrics"]["spike_rate"] < 1.0
@@ -86,8 +85,7 @@ def test_spiking_lm_micro_reproduction(tmp_path):
   sparsity is one minus its measured spike rate, and both claims are judged."""
   table = tables.get("spiking_lm")
   text = common.reproduce(table, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  runs = {json.loads(line)["variant"]: json.loads(line)["metrics"]
-          for line in (tmp_path / "spiking_lm" / "runs.jsonl").read_text().splitlines()}
+  runs = {r["variant"]: r["metrics"] for r in common.read_runs(tmp_path / "spiking_lm")}
   assert set(runs) == {"attention", "symboliclight"}
   assert all(jnp.isfinite(m["loss"]) for m in runs.values())
   spiking = runs["symboliclight"]

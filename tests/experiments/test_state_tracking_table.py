@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -44,7 +43,7 @@ def test_claim_judges():
 
 def test_micro_end_to_end(tmp_path, fast_compile):
   text = common.reproduce(st.TABLE, scale="micro", out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "state_tracking" / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(tmp_path / "state_tracking")
   assert [r["variant"] for r in runs] == list(st.TABLE.micro_variants)
   for run in runs:
     metrics = run["metrics"]

@@ -1,6 +1,5 @@
 """Tests for the table machinery (experiments/tables/common.py) and an end-to-end micro reproduction."""
 
-import json
 
 import ml_collections
 import numpy as np
@@ -87,7 +86,7 @@ def test_write_results(tmp_path):
   text = common.write_results(_toy_table(), "micro", 2, _runs(), tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "runs.jsonl", "table.csv", "table.md"]
   assert "| a | 2.500 ± 0.500 | – | 6 |" in text and "**held**" in text
-  assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+  assert len(common.read_runs(tmp_path)) == 3
   assert "claim:x,held (1 seed" in (tmp_path / "table.csv").read_text()
 
 
@@ -107,7 +106,7 @@ def test_reproduce_micro_end_to_end(tmp_path):
   out = tmp_path / "gated_attention"
   for name in ("table.md", "table.csv", "runs.jsonl", "plot.png"):
     assert (out / name).stat().st_size > 0, name
-  runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(out)
   assert [r["variant"] for r in runs] == list(table.micro_variants)
   for run in runs:
     assert run["config"]["train"]["steps"] == 5 and run["history"]

@@ -3,7 +3,6 @@ classifier's argument checks."""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ def test_claim_judges():
 
 def test_micro_end_to_end(tmp_path, fast_compile):
   text = common.reproduce(vg.TABLE, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
-  runs = [json.loads(line) for line in (tmp_path / "vision_gating" / "runs.jsonl").read_text().splitlines()]
+  runs = common.read_runs(tmp_path / "vision_gating")
   assert [r["variant"] for r in runs] == list(vg.TABLE.micro_variants)
   for run in runs:
     assert run["metrics"]["train_examples"] == 142 and 0.0 <= run["metrics"]["accuracy"] <= 100.0

@@ -28,6 +28,9 @@ EXPERT_ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda h: jax.nn.gelu(h, a
 # §2.1.2), and 1e-4 for the top-p entropy loss (an assumption: the weight of arXiv 2403.07652 is not confirmed).
 DEFAULT_AUX_LOSS_WEIGHTS = {"load_balance": 1e-2, "router_z": 1e-3, "importance": 1e-2, "load": 1e-2,
                             "sequence_balance": 1e-4, "top_p_entropy": 1e-4}
+# The variable collection of calibrated MoDES thresholds (``gated_jax.layers.moe.calibration``): one scalar
+# ``threshold`` per MoE layer, passed at inference as ``model.apply({"params": ..., SKIP_THRESHOLDS: ...}, ...)``.
+SKIP_THRESHOLDS = "moe_skip"
 _INIT_STDDEV = 0.02
 
 
@@ -52,7 +55,9 @@ class MoE(nn.Module):
       ``top1_first`` priority with k > 1 is rejected, since a token's later slots depend on later tokens).
     skip_threshold: MoDES-style expert skipping at inference (Huang et al. 2025, arXiv 2511.15690 §3): outside
       training (``train_step`` None), a slot whose importance ``skip_scale · weight`` is below the threshold is
-      skipped (0 disables; ``skip_scale`` is the layer's globally calibrated factor α).
+      skipped (0 disables; ``skip_scale`` is the layer's globally calibrated factor α). A ``threshold`` in the
+      ``SKIP_THRESHOLDS`` variable collection (set by ``calibration.calibrate_skip_thresholds``, α folded in)
+      replaces both: slots with ``weight < threshold`` are skipped.
     gmm_implementation: ``pallas_kernels.grouped_matmul``'s ``implementation`` (None: auto).
     dtype: compute dtype of the experts (routing is always float32); param_dtype: parameter dtype.
 
@@ -121,6 +126,15 @@ class MoE(nn.Module):
                                 weight("wo", (e, h, d), ("expert", "mlp", "embed")),
                                 EXPERT_ACTIVATIONS[self.activation])
 
+  def _kept_slots(self, weights: jax.Array, train_step: jax.Array | None) -> jax.Array | None:
+    """MoDES skipping (inference only): which slots stay, by the calibrated threshold of the
+    ``SKIP_THRESHOLDS`` collection if given, else by the fields; None when nothing is skipped."""
+    if train_step is not None:
+      return None
+    if self.has_variable(SKIP_THRESHOLDS, "threshold"):
+      return weights >= self.get_variable(SKIP_THRESHOLDS, "threshold")
+    return self.skip_scale * weights >= self.skip_threshold if self.skip_threshold > 0 else None
+
   @nn.compact
   def __call__(self, x_BTD: jax.Array, train_step: jax.Array | None = None) -> jax.Array:
     """``x_BTD`` ``(B, T, d_model)`` -> same shape and dtype; ``train_step`` is None outside training."""
@@ -131,9 +145,9 @@ class MoE(nn.Module):
     routing = self._router()(x_BTD, train_step=train_step)
     weights, indices = routing.weights, routing.indices
     active = indices < self.num_experts
-    if self.skip_threshold > 0 and train_step is None:
-      weights, indices = deactivate(weights, indices, self.skip_scale * weights >= self.skip_threshold,
-                                    self.num_experts)
+    keep = self._kept_slots(weights, train_step)
+    if keep is not None:
+      weights, indices = deactivate(weights, indices, keep, self.num_experts)
       sow_metric(self, "skipped_fraction",
                  1.0 - jnp.sum(indices < self.num_experts) / jnp.maximum(jnp.sum(active), 1))
     experts = self._experts()

@@ -95,3 +95,18 @@ def test_a_sown_loss_without_a_weight_is_an_error():
   state, batch = _state_and_batch(fns)
   with pytest.raises(ValueError, match=r"aux_loss_weights.*\['square'\]"):
     jax.jit(fns.train_step)(state, batch)
+
+
+def test_moe_lm_logs_each_layers_aux_losses_and_their_sum():
+  model = DecoderLM(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mixer="base_conv", mlp="moe",  # cheap
+                    mlp_hidden_dim=8, max_len=8, mlp_kwargs={"num_experts": 4, "k": 2, "dispatch": "capacity"})
+  fns = step.StepFns(model, optax.sgd(0.1), optax.constant_schedule(0.1),
+                     aux_loss_weights=(("load_balance", 1e-2), ("router_z", 1e-3)))
+  state, batch = _state_and_batch(fns)
+  _, m = jax.jit(fns.train_step)(state, batch)
+  for name in ("load_balance", "router_z"):
+    layers = [float(m[f"aux/layer_{i}/mlp/{name}"]) for i in range(2)]
+    assert layers[0] != layers[1] and all(v > 0 for v in layers)
+    assert float(m[f"aux/{name}"]) == pytest.approx(sum(layers), rel=1e-6)
+  assert {k for k in m if k.startswith("aux/")} == {f"aux/{p}{n}" for n in ("load_balance", "router_z")
+                                                      for p in ("", "layer_0/mlp/", "layer_1/mlp/")}

@@ -42,7 +42,7 @@ def test_claim_judges():
 
 
 def test_micro_end_to_end(tmp_path, fast_compile):
-  text = common.reproduce(st.TABLE, scale="micro", out=tmp_path, log=lambda _: None)
+  text = common.reproduce(st.TABLE, scale="micro", seeds=1, out=tmp_path, log=lambda _: None)
   runs = common.read_runs(tmp_path / "state_tracking")
   assert [r["variant"] for r in runs] == list(st.TABLE.micro_variants)
   for run in runs:

@@ -40,6 +40,13 @@ _TWO_BRANCH = ("glu", "gtu", "bilinear")
 ZOOLOGY_INIT_STD = 0.02  # Zoology's _init_weights: every nn.Linear N(0, 0.02), bias 0 (convs keep PyTorch's)
 
 
+def dense(width: int, init_std: float, dtype, name: str, axes: tuple[str, str] = ("embed", "mlp")) -> nn.Dense:
+  """A linear map with Zoology's init: kernel ``N(0, init_std)``, bias 0."""
+  return nn.Dense(width, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
 class ConvMixer(nn.Module):
   """Shared fields and input checks of the convolutional mixers.
 
@@ -103,10 +110,7 @@ class BaseConv(ConvMixer):
     u, mode = self._start(x_BTD, segment_ids, decode)
     conv = ShortConv(self.kernel_size, activation=False, dtype=self.dtype, use_bias=True, init_std=None,
                      channel_axes=("mlp",), name="conv")(u, segment_ids, mode)
-    proj = nn.Dense(self.d_model, dtype=self.dtype, name="proj",
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                             ("embed", "mlp")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(u)
+    proj = dense(self.d_model, self.init_std, self.dtype, "proj")(u)
     if self.activation:
       conv, proj = nn.silu(conv), nn.silu(proj)
     return self._finish(proj * conv + u, x_BTD, mode)

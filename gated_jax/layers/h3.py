@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks
 from gated_jax.layers.conv import cached_long_conv, pytorch_uniform
-from gated_jax.layers.hyena import LongConvMixer, dense
+from gated_jax.layers.gated_conv import dense
+from gated_jax.layers.hyena import LongConvMixer
 from gated_jax.layers.linear_base import check_positive_float
 from gated_jax.layers.registry import MIXERS
 

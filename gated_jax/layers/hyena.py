@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks
 from gated_jax.layers.conv import ShortConv, cached_long_conv
-from gated_jax.layers.gated_conv import ZOOLOGY_INIT_STD, ConvMixer
+from gated_jax.layers.gated_conv import ZOOLOGY_INIT_STD, ConvMixer, dense
 from gated_jax.layers.linear_base import check_positive_float
 from gated_jax.layers.registry import MIXERS
 
@@ -106,13 +106,6 @@ class ImplicitFilter(nn.Module):
     h = linear(self.channels, "out", bias=False)(h)
     rates = decay_rates(self.channels, self.fast_decay_pct, self.slow_decay_pct, self.decay_target)
     return h * jnp.exp(-z[:, :1] * rates)
-
-
-def dense(width: int, init_std: float, dtype, name: str, axes: tuple[str, str] = ("embed", "mlp")) -> nn.Dense:
-  """A linear map with Zoology's init: kernel ``N(0, init_std)``, bias 0."""
-  return nn.Dense(width, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
 class LongConvMixer(ConvMixer):

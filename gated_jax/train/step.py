@@ -9,10 +9,10 @@ Layers' auxiliary losses and metrics (``gated_jax.layers.collections``) ride alo
 auxiliary losses, times ``aux_loss_weights[name]`` and times the microbatch's token weight, join the
 cross-entropy sum, so the total stays a token-weighted mean over the global batch; sown metrics are averaged
 the same way. Both are logged per layer too: ``aux/<path>/<name>`` beside the summed ``aux/<name>``, and
-``<path>/<name>`` beside the mean ``<name>``. Training steps pass a per-step key of the ``NOISE_RNG`` stream (folded with the step, the
-microbatch and, under pmap, the device) and the step number; evaluation passes neither. Parameter updates that
-layers sow (``sow_param_update``) are averaged like the metrics and added to their parameters after the
-optimizer step.
+``<path>/<name>`` beside the mean ``<name>``. Training steps pass a per-step key of the ``NOISE_RNG`` stream
+(folded with the step, the microbatch and, under pmap, the device) and the step number; evaluation passes
+neither. Parameter updates that layers sow (``sow_param_update``) are averaged like the metrics and added to
+their parameters after the optimizer step.
 """
 
 from __future__ import annotations

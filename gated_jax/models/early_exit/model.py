@@ -2,10 +2,11 @@
 and JEI-DNN's learned exit gates on the IMs' uncertainty.
 
 Regol, Chataoui & Coates, "Jointly-Learned Exit and Inference for a Dynamic Neural Network" (JEI-DNN, arXiv
-2310.09163, ICLR 2024): exit ``l`` has an IM ``ŷ_l = IM_l(z_l)`` on the block output ``z_l`` and (except the last) a gate ``g_l = σ(w_lᵀ u_l + b_l)`` whose input ``u_l`` are four uncertainty statistics of ``ŷ_l``
-with the gradient stopped (the authors' code, ``LearnableUncGate``: max probability, entropy, top-1 minus
-top-2 margin, entropy of the squared-and-renormalised probabilities). The gates only read the IMs; no
-gradient of the gate loss reaches an IM or the backbone.
+2310.09163, ICLR 2024): exit ``l`` has an IM ``ŷ_l = IM_l(z_l)`` on the block output ``z_l`` and (except the
+last) a gate ``g_l = σ(w_lᵀ u_l + b_l)`` whose input ``u_l`` are four uncertainty statistics of ``ŷ_l`` with
+the gradient stopped (the authors' code, ``LearnableUncGate``: max probability, entropy, top-1 minus top-2
+margin, entropy of the squared-and-renormalised probabilities). The gates only read the IMs; no gradient of
+the gate loss reaches an IM or the backbone.
 
 Cost (:func:`exit_costs`): ``C_l`` is the FLOP count of what exiting at ``l`` runs — the patch embedding,
 blocks ``1..l`` and IMs ``1..l`` (an exit decision at ``j < l`` needed IM ``j``) — over the count for the last

@@ -77,7 +77,7 @@ def linear_attention(q, k, v, *, log_decay=None, scale: float | None = None, ini
     initial_state: ``(B, H, K, V)`` state before the first token (float32), default zeros.
     return_final_state: also return the state after the last token.
     segment_ids: ``(B, T)`` integer ids of packed sequences (state resets where the id changes).
-    chunk_size: chunk length for the chunked implementations (default 64).
+    chunk_size: chunk length for the chunked implementations (default: :func:`default_chunk_size`).
     implementation: see :mod:`pallas_kernels.dispatch`.
   Returns:
     ``o`` ``(B, T, H, V)`` (dtype of ``q``), or ``(o, final_state)`` with ``final_state`` ``(B, H, K, V)``
@@ -192,7 +192,13 @@ def _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_
     _checks.check_shape("segment_ids", segment_ids, (batch, seq), "(batch, seq)")
   _checks.check_positive_int("chunk_size", chunk_size)
   return dict(scale=_check_scale(scale, key_dim), initial_state=initial_state, segment_ids=segment_ids,
-              chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+              chunk_size=chunk_size or default_chunk_size(seq))
+
+
+def default_chunk_size(seq: int) -> int:
+  """``DEFAULT_CHUNK_SIZE``, or ``seq`` rounded up to a multiple of 16 when that is shorter: a short sequence
+  is not padded to a whole default chunk (16 keeps every backend's tile constraints)."""
+  return min(DEFAULT_CHUNK_SIZE, -(-seq // 16) * 16)
 
 
 def _step_args(q, k, v, state, log_decay, scale, *, decay_forms) -> float:

@@ -35,8 +35,10 @@ def check_grid(grid: Any) -> tuple[int, int]:
 
 
 class DepthwiseConv2D(nn.Module):
-  """``size x size`` depthwise conv (zero padding, no bias) of tokens laid out on ``grid``, summed tap by tap
-  (a few shifted multiply-adds: on a CPU far cheaper than a grouped convolution, forward and backward).
+  """``size x size`` depthwise conv (zero padding, no bias) of tokens laid out on ``grid``. Either summed tap by
+  tap (``size**2`` shifted multiply-adds: on a CPU far cheaper than a grouped convolution, forward and
+  backward), or, on grids of at most ``4 size**2`` tokens, as one per-channel ``(N, N)`` token-mixing matrix
+  gathered from the kernel (measured 2-4x faster than the taps there on a 2-core CPU, slower on larger grids).
 
   Attributes:
     grid: ``(rows, cols)`` of the tokens.
@@ -54,11 +56,25 @@ class DepthwiseConv2D(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(fan_in ** -0.5),
                                                                (None, None, "embed")),
                         (self.size, self.size, channels), jnp.float32).astype(self.dtype)
+    if self.grid[0] * self.grid[1] <= 4 * self.size ** 2:
+      taps_NM = _tap_indices(self.grid, self.size)
+      table = jnp.concatenate([kernel.reshape(self.size ** 2, channels), jnp.zeros((1, channels), kernel.dtype)])
+      return jnp.einsum("bmc,nmc->bnc", x_BND, table[taps_NM])
     pad = self.size // 2
     x = jnp.pad(x_BND.reshape(batch, *self.grid, channels), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     out = sum(x[:, i:i + self.grid[0], j:j + self.grid[1]] * kernel[i, j]
               for i in range(self.size) for j in range(self.size))
     return out.reshape(x_BND.shape)
+
+
+def _tap_indices(grid: tuple[int, int], size: int) -> np.ndarray:
+  """``(N, N)``: the flat kernel tap joining output token ``n`` to input token ``m`` on ``grid``, or ``size**2``
+  (a zero entry) where ``m`` is outside ``n``'s window."""
+  rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+  dy = rows[None, :] - rows[:, None] + size // 2
+  dx = cols[None, :] - cols[:, None] + size // 2
+  inside = (dy >= 0) & (dy < size) & (dx >= 0) & (dx < size)
+  return np.where(inside, dy * size + dx, size ** 2)
 
 
 class VisionMixer(nn.Module):

@@ -13,6 +13,7 @@ import pytest
 import pallas_kernels
 from gated_jax.layers.vision import VISION_MIXERS
 from gated_jax.layers.vision import attention as vision_attention
+from gated_jax.layers.vision import common as vision_common
 from gated_jax.layers.vision import swin_rmt
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -109,6 +110,15 @@ def _depthwise(x_BND, grid, kernel):
           if 0 <= r + i - half < grid[0] and 0 <= c + j - half < grid[1]:
             out[:, r, c] += kernel[i, j] * x[:, r + i - half, c + j - half]
   return out.reshape(x_BND.shape)
+
+
+@pytest.mark.parametrize("grid, size", [((4, 4), 5), ((2, 3), 3), ((7, 6), 3)])  # matrix, matrix, taps
+def test_depthwise_conv_both_forms(grid, size):
+  conv = vision_common.DepthwiseConv2D(grid, size)
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, grid[0] * grid[1], 5)))
+  p = nn.unbox(conv.init(jax.random.key(1), x))
+  want = _depthwise(x, grid, np.asarray(p["params"]["kernel"]))
+  np.testing.assert_allclose(conv.apply(p, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_vig_locality_gate_and_bidirectional_gla():

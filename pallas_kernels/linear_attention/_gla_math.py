@@ -24,8 +24,8 @@ per-step log decays (a reverse cumulative sum, by autodiff).
 Intra-chunk scores ``A`` with every exponent <= 0 ("secondary chunking"): the chunk is cut into sub-chunks;
 an off-diagonal pair (query sub-chunk ``I`` after key sub-chunk ``J``) factorises around a row ``r`` between
 them, ``exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)``, and runs as a matmul; diagonal pairs need the
-pairwise exponent. On batched arrays (the ``xla`` backend) :class:`ChannelScores` picks, per call, either one
-matmul around the chunk's middle row (mild decays, :class:`_MidScores`) or :class:`SecondaryChunkScores`, which
+pairwise exponent. On batched arrays (the ``xla`` backend picks per call with :func:`is_mild`) either one
+matmul around the chunk's middle row (mild decays, :class:`MidScores`) or :class:`SecondaryChunkScores`, which
 computes the diagonal sub-chunks diagonal by diagonal (offset ``d``: a ``(C, K)`` product with
 ``exp(G_i - G_{i-d})``) and the rest by recursive halving, never a ``(sub, sub, K)`` pairwise tensor;
 :class:`BlockScores` (kernels: 16-row blocks loaded from refs) loops over the key columns of a diagonal block,
@@ -163,48 +163,25 @@ def _unshift(x, d: int):
   return jnp.pad(x, pad)[..., d:, :]
 
 
-MILD_SPREAD = 20.0  # largest within-chunk log-decay span (nats) of the one-matmul path of ChannelScores
+MILD_SPREAD = 20.0  # largest within-chunk log-decay span (nats) of MidScores
 
 
-class ChannelScores:
-  """``A`` for a per-key-channel decay on batched chunks (``apply`` / ``backward`` as :class:`HeadScores`).
-
-  When every chunk's cumulative log decay spans at most :data:`MILD_SPREAD` nats in every channel (always true
-  for GLA's ``logsigmoid(x) / 16`` gates at ``C <= 64``), ``A`` is one matmul around the chunk's middle row
-  ``r``: ``(q * exp(G - G_r)) (k * exp(G_r - G))^T`` with every factor in ``[e^-20, e^20]`` (the same trade as
-  flash-linear-attention's ``safe_gate`` for bounded gates); otherwise :class:`SecondaryChunkScores`, exact for
-  any decay. The choice is one ``lax.cond`` on the data, made again (identically) in the backward. The mild
-  form is computed outside the ``cond`` and only passed through it, because XLA compiles a conditional's
-  branches apart: inside one the form is not fused with the rest of the pass and not shared between the
-  forward and the backward (about 15% more CPU time at H=2, K=V=32). When the spread is larger, that result
-  may hold infinities, and the ``cond`` discards it.
-  """
-
-  def __init__(self, q, k, G, sub: int, dtype):
-    self.q, self.k, self.G, self.sub, self.dtype = q, k, G, sub, dtype
-    self.mild = jnp.max(G[..., 0, :] - G[..., -1, :]) <= MILD_SPREAD
-
-  def _either(self, method, *args):
-    pick = lambda cls: getattr(cls(self.q, self.k, self.G, self.sub, self.dtype), method)(*args)
-    mild = pick(_MidScores)
-    return jax.lax.cond(self.mild, lambda: mild, lambda: pick(SecondaryChunkScores))
-
-  def apply(self, v):
-    return self._either("apply", v)
-
-  def backward(self, do, v):
-    return self._either("backward", do, v)
+def is_mild(G):
+  """Whether every chunk's cumulative log decay ``G`` ``(..., C, K)`` spans at most :data:`MILD_SPREAD` nats in
+  every channel (always true for GLA's ``logsigmoid(x) / 16`` gates at ``C <= 64``): a scalar bool."""
+  return jnp.max(G[..., 0, :] - G[..., -1, :]) <= MILD_SPREAD
 
 
-class _MidScores(HeadScores):
-  """``A`` factorised around the chunk's middle row (:class:`ChannelScores`, mild decays only)."""
+class MidScores(HeadScores):
+  """``A`` for a per-key-channel decay whose span is mild (:func:`is_mild`), as one matmul around the chunk's
+  middle row ``r``: ``(q * exp(G - G_r)) (k * exp(G_r - G))^T``, every factor in ``[e^-20, e^20]`` (the same
+  trade as flash-linear-attention's ``safe_gate`` for bounded gates). Larger spans overflow: use
+  :class:`SecondaryChunkScores` there."""
 
-  def __init__(self, q, k, G, sub: int, dtype):
-    del sub
+  def __init__(self, q, k, G, dtype):
     ref = G[..., (G.shape[-2] - 1) // 2:(G.shape[-2] + 1) // 2, :]
     self.up, self.down = jnp.exp(G - ref), jnp.exp(ref - G)
-    self.q, self.k, self.D, self.dtype = q * self.up, k * self.down, None, dtype
-    self.A = head_scores(self.q, self.k, None, dtype)
+    super().__init__(q * self.up, k * self.down, None, dtype)
 
   def backward(self, do, v):
     dq, dk, dv = super().backward(do, v)
@@ -227,7 +204,7 @@ class SecondaryChunkScores:
   matmuls plus ``(sub + log2(C / sub))`` elementwise passes over ``(C, K)``.
   """
 
-  def __init__(self, q, k, G, sub: int, dtype):
+  def __init__(self, q, k, G, dtype, sub: int):
     self.chunk, self.dtype = G.shape[-2], dtype
     self.sub = min(sub, self.chunk)
     padded = self.sub

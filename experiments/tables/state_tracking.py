@@ -31,10 +31,10 @@ Claims, judged on ``acc_extrapolation`` ("solves": >= 0.9; "fails": < 0.6, i.e. 
 The paper column is the abstracts' qualitative statement for parity (1: solved, 0: not solved), not a number
 measured in the papers' setting (they train on lengths 3-40 and test 40-256 with 3+ layers; see ``paper``).
 
-Scales: ``tiny`` (default; 3 seeds, the later seeds reusing the first's compiled programs; 1,895 CPU-seconds
-measured on a shared 2-core machine, so about the 20-minute budget of 2 CPU cores): d_model 64, 4 heads, train
-length 16, batch 64, 1,000 AdamW steps at 1e-2 (warmup-cosine): enough for most models to fit the training
-length, far from the papers' budgets. ``small`` (an accelerator): 2 blocks of width 128, train length 40,
+Scales: ``tiny`` (default; 3 seeds, the later seeds reusing the first's compiled programs; 19.1 minutes measured
+on an idle 2-core machine with an empty compilation cache): d_model 64, 4 heads, train length 16, batch 64,
+1,000 AdamW steps at 1e-2 (warmup-cosine): enough for most models to fit the training length, far from the
+papers' budgets. ``small`` (an accelerator): 2 blocks of width 128, train length 40,
 batch 128, 10,000 steps at 1e-3, 3 seeds. ``paper``: Grazzi et al.'s setup as far as it is documented — train
 length 40, evaluation 40-256, 3 blocks of width 128 (verify against their Appendix), 100,000 steps, 3 seeds.
 """

@@ -239,7 +239,9 @@ def judge(table: Table, runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     judged = [v for v in per_seed if isinstance(v, bool)]  # seeds that ran every variant the claim needs
     held = sum(judged)
     if len(judged) <= 1:
-      verdicts[claim.name] = f"{HELD if overall else NOT_HELD} (1 seed: spread not measured)"
+      unjudged = "" if len(seeds) <= 1 else \
+          f"; {len(seeds) - len(judged)} of {len(seeds)} seeds lack a variant or metric it needs"
+      verdicts[claim.name] = f"{HELD if overall else NOT_HELD} (1 seed: spread not measured{unjudged})"
     elif held in (0, len(judged)) and bool(held) == overall:
       verdicts[claim.name] = f"{HELD if overall else NOT_HELD} (all {len(judged)} seeds)"
     else:

@@ -53,7 +53,8 @@ def test_aggregate_and_judge():
   assert stats["a"]["loss"] == pytest.approx((2.5, 0.5))
   assert "gate_mean" not in stats["a"] and stats["b"]["gate_mean"] == pytest.approx((0.25, 0.0))
   verdicts = common.judge(_toy_table(), _runs())
-  assert verdicts["x"] == "held (1 seed: spread not measured)"  # b has seed 0 only: seed 1 cannot judge x
+  # b has seed 0 only: seed 1 cannot judge x
+  assert verdicts["x"] == "held (1 seed: spread not measured; 1 of 2 seeds lack a variant or metric it needs)"
   assert verdicts["y"].startswith("not judged") and "c" in verdicts["y"]
   flipped = common.judge(_toy_table(claims=(common.Claim("x", "a beats b", ("a", "b"),
                                                          lambda m: m["a"]["loss"] < m["b"]["loss"]),)), _runs())

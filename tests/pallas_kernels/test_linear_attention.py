@@ -63,6 +63,15 @@ def test_all_minus_inf_decay_is_finite_and_equals_reference(op):
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=16), want, **F32)
 
 
+def test_default_chunk_shrinks_for_short_sequences():
+  from pallas_kernels.linear_attention import default_chunk_size  # pylint: disable=import-outside-toplevel
+  assert [default_chunk_size(t) for t in (1, 16, 17, 40, 64, 65, 4096)] == [16, 16, 32, 48, 64, 64, 64]
+  args = helpers.inputs(3, seq=17, decay="channel")
+  run = lambda **kw: pallas_kernels.linear_attention(**args, return_final_state=True, implementation="xla", **kw)
+  for got, want in zip(run(), run(chunk_size=64)):  # one 32-row chunk instead of one 64-row chunk: same result
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_segments_equal_separate_runs():
   lengths = (7, 19, 14)
   args = helpers.inputs(1, seq=sum(lengths), decay="channel")

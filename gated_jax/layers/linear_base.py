@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels import _checks
+from pallas_kernels.linear_attention import Config as KernelConfig
 from gated_jax.layers.conv import ShortConv
 from gated_jax.layers.feature_maps import QK_NORMS, get_feature_map
 from gated_jax.layers.norms import HeadRMSNorm, RMSNorm
@@ -86,7 +87,7 @@ def with_state(module: nn.Module, name: str, fn: Callable, state_shape: tuple[in
 
 
 def run_recurrence(q, k, v, log_decay, state, *, beta=None, scale=None, segment_ids=None, implementation=None,
-                   chunk_size=None):
+                   chunk_size=None, kernel_config=None):
   """``(o, final_state)`` of ``linear_attention`` (``delta_rule`` when ``beta`` is given) from ``state``.
 
   A single token continuing a state (a decode step) runs the ops' one-step form (``linear_attention_step`` /
@@ -102,7 +103,8 @@ def run_recurrence(q, k, v, log_decay, state, *, beta=None, scale=None, segment_
     return o[:, None], state
   op = pallas_kernels.linear_attention if beta is None else functools.partial(pallas_kernels.delta_rule, beta=beta)
   return op(q, k, v, log_decay=log_decay, scale=scale, initial_state=state, return_final_state=True,
-            segment_ids=segment_ids, implementation=implementation, chunk_size=chunk_size)
+            segment_ids=segment_ids, implementation=implementation, chunk_size=chunk_size,
+            kernel_config=kernel_config)
 
 
 def step_implementation(implementation):
@@ -144,6 +146,8 @@ class LinearMixer(nn.Module):
       LeCun-normal projections and PyTorch-default ``U(-1/sqrt(K), 1/sqrt(K))`` conv kernels.
     implementation: passed to every ``pallas_kernels`` op call (None: auto; e.g. "reference", "xla").
     chunk_size: chunk length of the chunked op implementations (None: the op's default).
+    kernel_config: ``pallas_kernels.linear_attention.Config`` for the Pallas implementations (None: their
+      per-device defaults).
     selective_rope: None, or the options of ``selective_rope.SelectiveRoPE`` (``{}``: its defaults) to rotate
       q and k by input-dependent angles (Selective RoPE, arXiv 2511.17388).
     dtype: compute dtype (parameters are float32; states and gates are float32).
@@ -167,6 +171,7 @@ class LinearMixer(nn.Module):
   init_std: float | None = FLA_INIT_STD
   implementation: Any = None
   chunk_size: int | None = None
+  kernel_config: Any = None
   selective_rope: Any = None
   dtype: Any = jnp.float32
 
@@ -197,6 +202,9 @@ class LinearMixer(nn.Module):
     _checks.check_choice("output_gate", self.output_gate, OUTPUT_GATES)
     _checks.check_choice("norm_scope", self.norm_scope, NORM_SCOPES)
     check_implementation(self.implementation)
+    if self.kernel_config is not None and not isinstance(self.kernel_config, KernelConfig):
+      raise ValueError(f"kernel_config: got {self.kernel_config!r}; allowed: None or a "
+                       "pallas_kernels.linear_attention.Config")
     check_selective_rope(self.selective_rope)
     if self.selective_rope is not None and self.kv_heads != self.num_heads:
       raise ValueError(f"num_kv_heads: got {self.num_kv_heads}; allowed: None or num_heads={self.num_heads} with "
@@ -210,8 +218,8 @@ class LinearMixer(nn.Module):
 
   @property
   def op_options(self) -> dict[str, Any]:
-    """``implementation`` and ``chunk_size`` for every ``pallas_kernels`` op call."""
-    return dict(implementation=self.implementation, chunk_size=self.chunk_size)
+    """``implementation``, ``chunk_size`` and ``kernel_config`` for every ``pallas_kernels`` op call."""
+    return dict(implementation=self.implementation, chunk_size=self.chunk_size, kernel_config=self.kernel_config)
 
   @property
   def key_dim(self) -> int:
@@ -335,7 +343,7 @@ def both_directions(q, k, v, log_decay_fwd, log_decay_bwd, segment_ids, scale=No
   Returns ``(o_fwd, o_bwd)`` aligned with the input positions: ``o_fwd[t] = scale * sum_{j<=t} q_t^T
   (prod_{j<r<=t} alpha_fwd[r]) k_j v_j^T`` and ``o_bwd[t] = scale * sum_{j>=t} q_t^T (prod_{t<=r<j}
   alpha_bwd[r]) k_j v_j^T`` (``alpha = exp(log_decay)``; the backward pass applies token ``r``'s gate when it
-  moves from ``r + 1`` to ``r``). ``op_options``: ``implementation`` / ``chunk_size`` of the op.
+  moves from ``r + 1`` to ``r``). ``op_options``: ``implementation`` / ``chunk_size`` / ``kernel_config`` of the op.
   """
   o_fwd = pallas_kernels.linear_attention(q, k, v, log_decay=log_decay_fwd, scale=scale, segment_ids=segment_ids,
                                           **op_options)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks
 from pallas_kernels.dispatch import Op
+from pallas_kernels.linear_attention._chunked import Config
 
 DEFAULT_CHUNK_SIZE = 64
 _LAYOUT = "(batch, seq, heads, dim)"
@@ -65,7 +66,7 @@ for _op, _fn in ((linear_attention_step_op, "linear_attention_step"), (delta_rul
 
 def linear_attention(q, k, v, *, log_decay=None, scale: float | None = None, initial_state=None,
                      return_final_state: bool = False, segment_ids=None, chunk_size: int | None = None,
-                     implementation: str | Sequence[str] | None = None):
+                     kernel_config: Config | None = None, implementation: str | Sequence[str] | None = None):
   """Gated linear attention (see module docstring for the recurrence).
 
   Args:
@@ -78,12 +79,14 @@ def linear_attention(q, k, v, *, log_decay=None, scale: float | None = None, ini
     return_final_state: also return the state after the last token.
     segment_ids: ``(B, T)`` integer ids of packed sequences (state resets where the id changes).
     chunk_size: chunk length for the chunked implementations (default: :func:`default_chunk_size`).
+    kernel_config: :class:`Config` tiles, launch settings and stored-state dtype of the Pallas implementations
+      (None: their per-device defaults); the other implementations do not use it.
     implementation: see :mod:`pallas_kernels.dispatch`.
   Returns:
     ``o`` ``(B, T, H, V)`` (dtype of ``q``), or ``(o, final_state)`` with ``final_state`` ``(B, H, K, V)``
     float32.
   """
-  kwargs = _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size,
+  kwargs = _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, kernel_config,
                           decay_forms=("(B, T, H)", "(B, T, H, K)"))
   o, state = linear_attention_op(q, k, v, log_decay, implementation=implementation,
                                  return_final_state=return_final_state, **kwargs)
@@ -92,11 +95,11 @@ def linear_attention(q, k, v, *, log_decay=None, scale: float | None = None, ini
 
 def delta_rule(q, k, v, beta, *, log_decay=None, scale: float | None = None, initial_state=None,
                return_final_state: bool = False, segment_ids=None, chunk_size: int | None = None,
-               implementation: str | Sequence[str] | None = None):
+               kernel_config: Config | None = None, implementation: str | Sequence[str] | None = None):
   """(Gated) delta rule (see module docstring). ``beta`` is ``(B, T, H)`` or ``(B, T, KV)`` (the write
   strength, typically a sigmoid in (0, 1), or (0, 2) for negative eigenvalues); the other arguments are as in
   :func:`linear_attention`, with ``log_decay`` ``None`` or per head ``(B, T, H)``."""
-  kwargs = _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size,
+  kwargs = _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, kernel_config,
                           decay_forms=("(B, T, H)",))
   _check_beta(beta, q.shape[:2], q.shape[2], k.shape[2], "(batch, seq, heads)")
   o, state = delta_rule_op(q, k, v, beta, log_decay, implementation=implementation,
@@ -175,7 +178,8 @@ def _check_beta(beta, lead: tuple[int, ...], heads: int, kv_heads: int, layout: 
                      f"key/value heads), got {tuple(beta.shape)}")
 
 
-def _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, *, decay_forms):
+def _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, kernel_config, *,
+                   decay_forms):
   """Validates the arguments of the sequence ops; returns the keyword arguments of every implementation."""
   _check_qkv(q, k, v, _LAYOUT, 2)
   batch, seq, heads, key_dim = q.shape
@@ -191,8 +195,11 @@ def _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_
     _checks.check_array("segment_ids", segment_ids, rank=2, layout="(batch, seq)", floating=False)
     _checks.check_shape("segment_ids", segment_ids, (batch, seq), "(batch, seq)")
   _checks.check_positive_int("chunk_size", chunk_size)
+  if kernel_config is not None and not isinstance(kernel_config, Config):
+    raise ValueError(f"kernel_config: got {kernel_config!r}; allowed: None or a "
+                     "pallas_kernels.linear_attention.Config")
   return dict(scale=_check_scale(scale, key_dim), initial_state=initial_state, segment_ids=segment_ids,
-              chunk_size=chunk_size or default_chunk_size(seq))
+              chunk_size=chunk_size or default_chunk_size(seq), config=kernel_config)
 
 
 def default_chunk_size(seq: int) -> int:

@@ -38,7 +38,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _checks
 from pallas_kernels.linear_attention._tiles import MIN_LOG_DECAY
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Settings of the Pallas kernels (defaults per device: each Pallas backend's ``default_config``); the other
+  implementations take none and ignore it.
+
+  Attributes:
+    block_k: K tile of the gated-linear-attention state passes.
+    block_v: V tile of the state passes and of the output passes.
+    num_warps: Triton warps per program (ignored on TPU).
+    num_stages: Triton software-pipelining stages (ignored on TPU).
+    states_dtype: dtype of the chunk states stored between passes ("float32" or "bfloat16"; the state passes
+      accumulate in float32 either way).
+  """
+  block_k: int = 64
+  block_v: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  states_dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("block_k", "block_v"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name}: got {value!r}; allowed: a power of two >= 16")
+    for name in ("num_warps", "num_stages"):
+      _checks.check_positive_int(name, getattr(self, name), allow_none=False)
+    _checks.check_choice("states_dtype", self.states_dtype, ("float32", "bfloat16"))
 
 
 @dataclasses.dataclass(frozen=True)

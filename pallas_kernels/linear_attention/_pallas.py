@@ -28,27 +28,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels.linear_attention import _chunked, _delta_math, _gla_math
+from pallas_kernels.linear_attention._chunked import Config
 
 SUPPORTED_CHUNKS = (16, 32, 64, 128)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Kernel settings (defaults per device: each backend's ``default_config``).
-
-  Attributes:
-    block_k: K tile of the gated-linear-attention state passes.
-    block_v: V tile of the state passes and of the output passes.
-    num_warps: Triton warps per program (ignored on TPU).
-    num_stages: Triton software-pipelining stages (ignored on TPU).
-    states_dtype: dtype of the chunk states stored between passes ("float32" or "bfloat16"; the state passes
-      accumulate in float32 either way).
-  """
-  block_k: int = 64
-  block_v: int = 64
-  num_warps: int = 4
-  num_stages: int = 2
-  states_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

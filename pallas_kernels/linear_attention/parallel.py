@@ -13,14 +13,17 @@ import dataclasses
 
 from pallas_kernels.linear_attention import _chunked, xla
 
-BACKEND = dataclasses.replace(xla.BACKEND, name="parallel", plan=lambda q, chunk_size: (q.shape[1],) + xla.BACKEND.plan(q, chunk_size)[1:])
+BACKEND = dataclasses.replace(xla.BACKEND, name="parallel",
+                              plan=lambda q, chunk_size: (q.shape[1],) + xla.BACKEND.plan(q, chunk_size)[1:])
 
 
-def linear_attention(q, k, v, log_decay, **kwargs):
+def linear_attention(q, k, v, log_decay, *, config=None, **kwargs):
   """Parallel gated linear attention; arguments and returns as in :mod:`pallas_kernels.linear_attention`."""
+  del config  # Pallas settings
   return _chunked.linear_attention(BACKEND, q, k, v, log_decay, **kwargs)
 
 
-def delta_rule(q, k, v, beta, log_decay, **kwargs):
+def delta_rule(q, k, v, beta, log_decay, *, config=None, **kwargs):
   """Parallel (gated) delta rule: one WY/UT transform over the whole sequence."""
+  del config  # Pallas settings
   return _chunked.delta_rule(BACKEND, q, k, v, beta, log_decay, **kwargs)

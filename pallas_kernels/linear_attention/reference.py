@@ -46,17 +46,17 @@ def delta_rule_step(q, k, v, beta, state, log_decay, *, scale):
 
 
 def linear_attention(q, k, v, log_decay, *, scale, initial_state, return_final_state, segment_ids,
-                     chunk_size):
+                     chunk_size, config):
   """:func:`linear_attention_step` over the sequence. Shapes as in ``__init__``."""
-  del return_final_state, chunk_size
+  del return_final_state, chunk_size, config
   step = lambda s, x: linear_attention_step(*x[:3], s, x[3], scale=scale)
   return _scan(step, (q, k, v, log_decay), initial_state, segment_ids, v.shape[-1])
 
 
 def delta_rule(q, k, v, beta, log_decay, *, scale, initial_state, return_final_state, segment_ids,
-               chunk_size):
+               chunk_size, config):
   """:func:`delta_rule_step` over the sequence."""
-  del return_final_state, chunk_size
+  del return_final_state, chunk_size, config
   step = lambda s, x: delta_rule_step(*x[:4], s, x[4], scale=scale)
   return _scan(step, (q, k, v, beta, log_decay), initial_state, segment_ids, v.shape[-1])
 

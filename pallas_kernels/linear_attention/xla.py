@@ -193,13 +193,15 @@ BACKEND = _chunked.Backend(
     plan=_plan, save_states=True)
 
 
-def linear_attention(q, k, v, log_decay, **kwargs):
+def linear_attention(q, k, v, log_decay, *, config=None, **kwargs):
   """Chunked gated linear attention; arguments and returns as in :mod:`pallas_kernels.linear_attention`."""
+  del config  # Pallas settings
   return _chunked.linear_attention(BACKEND, q, k, v, log_decay, **kwargs)
 
 
-def delta_rule(q, k, v, beta, log_decay, **kwargs):
+def delta_rule(q, k, v, beta, log_decay, *, config=None, **kwargs):
   """Chunked (gated) delta rule via the per-chunk WY/UT transform and a state scan over chunks."""
+  del config  # Pallas settings
   return _chunked.delta_rule(BACKEND, q, k, v, beta, log_decay, **kwargs)
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests are not a package (--impo
 import _linear_helpers as helpers  # noqa: E402
 
 import pallas_kernels  # noqa: E402
-from pallas_kernels.linear_attention import _pallas, tpu  # noqa: E402
+from pallas_kernels.linear_attention import Config  # noqa: E402
 
 F32 = dict(rms=3e-5, gate_rms=5e-5)
 # bf16 inputs go into the kernels' dots in bf16 (flash-linear-attention's choice; the xla path on a CPU stays
@@ -61,18 +61,31 @@ def test_matches_reference(implementation, name):
 
 
 def test_bfloat16_stored_states_keep_the_bfloat16_tolerance():
-  """Chunk states stored in bf16 between the passes (float32 accumulation inside them)."""
+  """Chunk states stored in bf16 between the passes (float32 accumulation inside them), chosen through the
+  public op's ``kernel_config``."""
   args, kwargs, want = _case("gla-head-bf16")
-  config = _pallas.Config(states_dtype="bfloat16")
-
-  def op(q, k, v, *, log_decay, implementation, **rest):
-    del implementation
-    return tpu.linear_attention(q, k, v, log_decay, scale=q.shape[-1] ** -0.5, segment_ids=None, config=config,
-                                **rest)
-
+  config = Config(states_dtype="bfloat16")
   with pallas_kernels.interpret():
-    got = helpers.outputs_and_grads(None, args, op=op, **kwargs)
+    got = helpers.outputs_and_grads("pallas_tpu", args, kernel_config=config, **kwargs)
   helpers.assert_matches(got, want, **BF16)
+
+
+def test_kernel_config_reaches_the_pallas_kernels_and_is_checked():
+  args = helpers.inputs(2, seq=40, key_dim=16, value_dim=16, decay="head")
+  run = functools.partial(pallas_kernels.linear_attention, args["q"], args["k"], args["v"],
+                          log_decay=args["log_decay"], chunk_size=16)
+  with pallas_kernels.interpret():
+    stored_f32 = run(implementation="pallas_tpu")
+    stored_bf16 = run(implementation="pallas_tpu", kernel_config=Config(states_dtype="bfloat16"))
+  assert float(jnp.max(jnp.abs(stored_f32 - stored_bf16))) > 0  # the bf16 states were used
+  assert jnp.allclose(stored_f32, stored_bf16, atol=5e-2)
+  assert jnp.array_equal(run(implementation="xla"), run(implementation="xla", kernel_config=Config()))
+  with pytest.raises(ValueError, match="kernel_config"):
+    run(kernel_config={"block_k": 64})
+  with pytest.raises(ValueError, match="block_k: got 24"):
+    Config(block_k=24)
+  with pytest.raises(ValueError, match="states_dtype"):
+    Config(states_dtype="float16")
 
 
 @pytest.mark.parametrize("implementation", ("pallas_tpu", "pallas_triton"))

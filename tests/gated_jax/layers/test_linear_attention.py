@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from gated_jax.layers import MIXERS
 from gated_jax.layers.linear_attention import Lightning, RetNet
+from pallas_kernels.linear_attention import Config as KernelConfig
 
 B, T, D, H = 2, 13, 32, 2
 CHUNK = 4
@@ -218,7 +220,8 @@ def test_retnet_and_lightning_decays():
 COMMON_BAD = [dict(num_heads=0), dict(expand_k=0.3), dict(expand_v=-1.0), dict(feature_map="cosine"),
               dict(output_gate="tanh"), dict(conv_size=0), dict(qk_norm="yes"), dict(use_short_conv=1),
               dict(implementation="fast"), dict(implementation=()), dict(chunk_size=0), dict(norm_eps=0.0),
-              dict(norm_scope="group"), dict(init_std=0.0), dict(conv_bias=None)]
+              dict(norm_scope="group"), dict(init_std=0.0), dict(conv_bias=None),
+              dict(kernel_config={"block_k": 64})]
 SPECIFIC_BAD = [
     ("lightning", dict(layer_idx=3, num_layers=3), "layer_idx"),
     ("lightning", dict(num_layers=0), "num_layers"),
@@ -252,6 +255,19 @@ BAD = [(name, kwargs, next(iter(kwargs))) for name in sorted({mixer_name(c) for 
 def test_bad_fields_raise(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
     MIXERS.get(name)(**{"d_model": D, "num_heads": H, **kwargs})
+
+
+def test_kernel_config_reaches_the_op():
+  """A mixer's ``kernel_config`` reaches the Pallas kernels: bf16 stored states change the output a little."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, 40, D))  # 3 chunks of 16 (the kernels' smallest)
+  plain = make("gla", implementation="pallas_tpu", chunk_size=16)
+  bf16_states = make("gla", implementation="pallas_tpu", chunk_size=16,
+                     kernel_config=KernelConfig(states_dtype="bfloat16"))
+  with pallas_kernels.interpret():
+    params = plain.init(jax.random.PRNGKey(0), x)
+    y_f32, y_bf16 = plain.apply(params, x), bf16_states.apply(params, x)
+  assert float(jnp.max(jnp.abs(y_f32 - y_bf16))) > 0
+  np.testing.assert_allclose(y_bf16, y_f32, atol=2e-2)
 
 
 def test_bad_inputs_raise():

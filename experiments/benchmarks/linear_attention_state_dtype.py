@@ -2,14 +2,14 @@
 in accuracy (the Pallas kernels' ``Config(states_dtype="bfloat16")``; docs/linear_attention_kernels.md, "Dtype
 policy").
 
-The chunked ops write the state entering every chunk, ``(N, B, H, V, K)`` float32, in their forward ``states``
-pass and read it in the ``output`` and backward passes (docs/linear_attention_kernels.md). Here the ``xla``
-backend runs as shipped, and again with those stored states rounded to bfloat16 on write (the state
-recurrence itself and the returned final state stay float32, as a kernel accumulating in float32 would keep
-them). Both are compared with ``reference`` (the token-by-token float32 scan) on the same bfloat16 inputs,
-for the output, the final state and the gradient of every input, as relative RMS errors (flash-linear-
-attention's test metric). The library's bfloat16 test tolerances are 5e-3 (values) and 2e-2 (gate
-gradients).
+The chunked ops write the state entering every chunk, ``(N, B, H, V, K)`` float32, in their forward ``states`` pass
+and read it in the ``output`` and backward passes (docs/linear_attention_kernels.md). Here the ``xla`` backend runs
+as shipped, and again with those stored states rounded to bfloat16 on write (the state recurrence itself and the
+returned final state stay float32, as a kernel accumulating in float32 would keep them). Both are compared with
+``reference`` (the token-by-token float32 scan) on the same bfloat16 inputs, for the output, the final state and
+the gradient of every input, as relative RMS errors (flash-linear-attention's test metric;
+``pallas_kernels.selftest.relative_error``). The library's bfloat16 test tolerances are 5e-3 (values) and 2e-2
+(gate gradients).
 
 Run (writes ``experiments/benchmarks/results/linear_attention_state_dtype.{json,md}``):
 
@@ -31,6 +31,7 @@ import pallas_kernels
 from experiments.benchmarks.machine import device_info
 from pallas_kernels.linear_attention import _chunked
 from pallas_kernels.linear_attention import xla as linear_xla
+from pallas_kernels.selftest import relative_error
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 TOLERANCES = {"values": 5e-3, "gates": 2e-2}
@@ -98,12 +99,6 @@ def outputs_and_grads(implementation, args) -> dict[str, np.ndarray]:
   return {name: np.asarray(x, np.float32) for name, x in out.items()}
 
 
-def rel_rms(got: np.ndarray, want: np.ndarray) -> float:
-  """``rms(got - want) / rms(want)``."""
-  want64 = want.astype(np.float64)
-  return float(np.sqrt(np.mean((got - want64) ** 2)) / max(np.sqrt(np.mean(want64 ** 2)), 1e-30))
-
-
 def measure(seq: int, heads: int, dim: int, cases: tuple[str, ...] = CASES) -> list[dict]:
   """One row per (case, stored-state dtype): ``{"case", "states", "errors": {name: relative RMS}}``."""
   rows = []
@@ -112,7 +107,7 @@ def measure(seq: int, heads: int, dim: int, cases: tuple[str, ...] = CASES) -> l
     want = outputs_and_grads("reference", args)
     for label, implementation in (("float32 states", "xla"), ("bfloat16 states", BF16_STATES)):
       got = outputs_and_grads(implementation, args)
-      rows.append({"case": case, "states": label, "errors": {n: rel_rms(got[n], want[n]) for n in want}})
+      rows.append({"case": case, "states": label, "errors": {n: relative_error(got[n], want[n]) for n in want}})
   return rows
 
 

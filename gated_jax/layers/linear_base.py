@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels import _checks
-from pallas_kernels.linear_attention import Config as KernelConfig
+from pallas_kernels.linear_attention import check_kernel_config
 from gated_jax.layers.conv import ShortConv
 from gated_jax.layers.feature_maps import QK_NORMS, get_feature_map
 from gated_jax.layers.norms import HeadRMSNorm, RMSNorm
@@ -202,9 +202,7 @@ class LinearMixer(nn.Module):
     _checks.check_choice("output_gate", self.output_gate, OUTPUT_GATES)
     _checks.check_choice("norm_scope", self.norm_scope, NORM_SCOPES)
     check_implementation(self.implementation)
-    if self.kernel_config is not None and not isinstance(self.kernel_config, KernelConfig):
-      raise ValueError(f"kernel_config: got {self.kernel_config!r}; allowed: None or a "
-                       "pallas_kernels.linear_attention.Config")
+    check_kernel_config(self.kernel_config)
     check_selective_rope(self.selective_rope)
     if self.selective_rope is not None and self.kv_heads != self.num_heads:
       raise ValueError(f"num_kv_heads: got {self.num_kv_heads}; allowed: None or num_heads={self.num_heads} with "

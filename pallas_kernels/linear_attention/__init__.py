@@ -195,11 +195,16 @@ def _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_
     _checks.check_array("segment_ids", segment_ids, rank=2, layout="(batch, seq)", floating=False)
     _checks.check_shape("segment_ids", segment_ids, (batch, seq), "(batch, seq)")
   _checks.check_positive_int("chunk_size", chunk_size)
+  check_kernel_config(kernel_config)
+  return dict(scale=_check_scale(scale, key_dim), initial_state=initial_state, segment_ids=segment_ids,
+              chunk_size=chunk_size or default_chunk_size(seq), config=kernel_config)
+
+
+def check_kernel_config(kernel_config) -> None:
+  """Raises ``ValueError`` unless ``kernel_config`` is None or a :class:`Config` (the ops and the layers)."""
   if kernel_config is not None and not isinstance(kernel_config, Config):
     raise ValueError(f"kernel_config: got {kernel_config!r}; allowed: None or a "
                      "pallas_kernels.linear_attention.Config")
-  return dict(scale=_check_scale(scale, key_dim), initial_state=initial_state, segment_ids=segment_ids,
-              chunk_size=chunk_size or default_chunk_size(seq), config=kernel_config)
 
 
 def default_chunk_size(seq: int) -> int:

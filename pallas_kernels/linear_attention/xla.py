@@ -62,11 +62,6 @@ def _last(G):
   return None if G is None else G[..., -1:, :]
 
 
-def _scan(step, init, xs, *, reverse=False):
-  """``lax.scan`` over the leading (chunk) axis of every array of ``xs`` (``None`` passes through)."""
-  return jax.lax.scan(step, init, xs, reverse=reverse)
-
-
 def _with_scores(plan, G, run):
   """``run(scores)`` with ``scores(q, k, G)`` the intra-chunk scores object of :mod:`._gla_math` for the decay
   form of ``plan``. A per-key-channel decay takes :class:`._gla_math.MidScores` when :func:`._gla_math.is_mild`
@@ -89,7 +84,7 @@ def _gla_states(k, v, G, h0, plan):
   k, v, G = (_grouped(x, kv, plan.chunk) for x in (k, v, G))
   write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
   step = lambda h, xs: (_gla_math.advance(h, *xs), h)
-  final, h_all = _scan(step, _grouped_states(h0, kv), (_gla_math.carry(_last(G)), write))
+  final, h_all = jax.lax.scan(step, _grouped_states(h0, kv), (_gla_math.carry(_last(G)), write))
   return h_all, _flat_states(final)
 
 
@@ -106,7 +101,7 @@ def _gla_state_grads(q, G, do, dh_final, plan):
   q, G, do = (_grouped(x, heads, plan.chunk) for x in (q, G, do))
   write = _gla_math.state_grad_write(q, G, plan.scale * do.astype(jnp.float32), plan.dtype)
   step = lambda ds, xs: (_gla_math.advance(ds, *xs), ds)
-  dh0, dS_all = _scan(step, _grouped_states(dh_final, heads), (_gla_math.carry(_last(G)), write), reverse=True)
+  dh0, dS_all = jax.lax.scan(step, _grouped_states(dh_final, heads), (_gla_math.carry(_last(G)), write), reverse=True)
   return dS_all, _flat_states(dh0)
 
 
@@ -147,7 +142,7 @@ def _delta_states(k, w, u, G, h0, plan):
     delta, new = _delta_math.state_step(w_n, u_n, k_end_n, carry_n, h, plan.dtype)
     return new, (h, delta)
 
-  final, (h_all, delta) = _scan(step, _grouped_states(h0, kv), (w, u, k_end, _gla_math.carry(_last(G))))
+  final, (h_all, delta) = jax.lax.scan(step, _grouped_states(h0, kv), (w, u, k_end, _gla_math.carry(_last(G))))
   return h_all, delta, _flat_states(final)
 
 
@@ -168,8 +163,8 @@ def _delta_state_grads(q, k, w, G, do, dh_final, plan):
     return ds_prev, (ds, d_delta)
 
   carry = _gla_math.carry(_last(G))
-  dh0, (dS_all, d_delta) = _scan(step, _grouped_states(dh_final, kv), (d_delta_intra, write, k_end, w, carry),
-                                 reverse=True)
+  dh0, (dS_all, d_delta) = jax.lax.scan(step, _grouped_states(dh_final, kv),
+                                        (d_delta_intra, write, k_end, w, carry), reverse=True)
   return dS_all, d_delta, _flat_states(dh0)
 
 

@@ -135,7 +135,8 @@ def calibrate_skip_thresholds(model: nn.Module, params: Any, inputs: jax.Array, 
   low, high = 0.0, 2.0 * max(scales.values()) * max(1.0, max(float(np.max(w)) for w, _ in unskipped.values()))
   for _ in range(_BISECTION_STEPS):  # smallest τ (to float precision) whose skipped count reaches the target
     mid = (low + high) / 2
-    if _skipped(routing(_scaled(mid, scales)), _scaled(mid, scales)) >= target:
+    thresholds = _scaled(mid, scales)
+    if _skipped(routing(thresholds), thresholds) >= target:
       high = mid
     else:
       low = mid

@@ -66,9 +66,9 @@ def _with_scores(plan, G, run):
   """``run(scores)`` with ``scores(q, k, G)`` the intra-chunk scores object of :mod:`._gla_math` for the decay
   form of ``plan``. A per-key-channel decay takes :class:`._gla_math.MidScores` when :func:`._gla_math.is_mild`
   holds, else the exact :class:`._gla_math.SecondaryChunkScores`: one ``lax.cond`` around the whole pass, so
-  each branch compiles as one fused program. Measured on an idle 2-core CPU at H=2, K=V=32, T=4096, forward
-  and backward: this ``cond`` runs in 0.85x the time of one around the scores alone, and still in about 1.7x
-  the time of the mild form without any ``cond`` (the data-dependent choice is what costs)."""
+  each branch compiles as one fused program. The choice still costs at small heads: forward+backward at H=2,
+  K=V=32 takes about 2.3x the mild form alone, and nothing measurable at H=8, K=V=128
+  (``experiments/benchmarks/results/linear_attention_cpu_limits.md``)."""
   if plan.decay != "channel":
     return run(lambda q, k, G: _gla_math.HeadScores(q, k, G, plan.dtype))
   mild = lambda: run(lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype))

@@ -1,0 +1,109 @@
+"""Benchmark: what limits the ``xla`` linear-attention path on a CPU (docs/linear_attention_kernels.md, "The CPU
+path").
+
+* ``dots``: the batched float32 matmuls of a 64-row chunk (and of larger chunks) against one large matmul, in
+  GFLOP/s: the ceiling of any arrangement of the chunked algorithm's dots.
+* ``forms``: forward+backward of per-channel-decay GLA (T=4096, B=1, GLA-like gates) with the intra-chunk scores
+  as shipped (one ``lax.cond`` per pass between the mild and the exact form), with the mild form alone and with
+  the exact secondary-chunk form alone (``xla._with_scores`` replaced for the measurement; the mild form alone
+  is not exact for large decay spans, so it is not an option of the library).
+
+Times are medians of ``--repeats`` calls after a warm-up; the rounds alternate the forms, so a load change on a
+shared machine touches them alike.
+
+Run (writes ``experiments/benchmarks/results/linear_attention_cpu_limits.{json,md}``):
+
+    python -m experiments.benchmarks.linear_attention_cpu_limits [--repeats 20] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+
+from experiments.benchmarks.linear_attention import compile_fwd_bwd, make_inputs
+from experiments.benchmarks.machine import device_info, time_call
+from pallas_kernels.linear_attention import _gla_math
+from pallas_kernels.linear_attention import xla as linear_xla
+
+RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+# (batch, rows, contraction, columns): a chunk's rows against its state, the scores' A v, larger chunks, the peak.
+DOT_SHAPES = ((512, 64, 128, 128), (512, 64, 64, 128), (256, 128, 128, 128), (128, 256, 128, 128),
+              (1, 4096, 1024, 1024))
+SETTINGS = {"H2_D32": (2, 32), "H8_D128": (8, 128)}
+
+
+def dot_rate(batch: int, rows: int, inner: int, cols: int, repeats: int) -> float:
+  """GFLOP/s of a float32 ``HIGHEST``-precision batched matmul."""
+  a = jax.random.normal(jax.random.key(0), (batch, rows, inner))
+  b = jax.random.normal(jax.random.key(1), (batch, inner, cols))
+  fn = jax.jit(lambda a, b: jnp.einsum("bmk,bkn->bmn", a, b, precision=jax.lax.Precision.HIGHEST))
+  return 2.0 * batch * rows * inner * cols / time_call(lambda: fn(a, b), repeats) / 1e9
+
+
+def _only(form: str):
+  """A ``_with_scores`` that always takes one form of the per-channel scores (``"mild"`` or ``"exact"``)."""
+  def with_scores(plan, G, run):
+    del G
+    if form == "mild":
+      return run(lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype))
+    return run(lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, linear_xla.SUB_CHUNK))
+  return with_scores
+
+
+def form_times(setting: str, rounds: int, repeats: int) -> dict[str, list[float]]:
+  """Forward+backward ms per round of the shipped per-channel form choice and of each form alone."""
+  heads, dim = SETTINGS[setting]
+  inputs = make_inputs("linear_attention_channel", 1, 4096, heads, dim)
+  compiled = {"shipped (lax.cond per pass)": compile_fwd_bwd("linear_attention", "xla", inputs)}
+  for form in ("mild", "exact"):
+    with mock.patch.object(linear_xla, "_with_scores", _only(form)):
+      compiled[f"{form} form alone"] = compile_fwd_bwd("linear_attention", "xla", inputs)
+  times: dict[str, list[float]] = {name: [] for name in compiled}
+  for _ in range(rounds):
+    for name, fn in compiled.items():
+      times[name].append(1e3 * time_call(lambda fn=fn: fn(inputs), repeats))
+  return times
+
+
+def render(result: dict) -> str:
+  info = result["device"]
+  lines = ["# Linear attention on a CPU: the dot ceiling and the per-channel forms", "",
+           f"Device: platform `{info['platform']}`, CPU {info['cpu_model']}, {info['cpu_count']} cores, "
+           f"jax {info['jax']}. Medians of {result['repeats']} calls after a warm-up."]
+  lines += [f"- Note: {note}" for note in result.get("notes", [])]
+  lines += ["", "## Batched float32 matmuls", "", "| batch | rows x inner x cols | GFLOP/s |", "|---|---|---|"]
+  for (batch, rows, inner, cols), rate in zip(result["dot_shapes"], result["dot_gflops"]):
+    lines.append(f"| {batch} | {rows} x {inner} x {cols} | {rate:.1f} |")
+  lines += ["", "## Per-channel GLA forward+backward, T=4096, B=1 (ms, one column per round)", "",
+            "| setting | form | ms |", "|---|---|---|"]
+  for setting, times in result["forms"].items():
+    for name, values in times.items():
+      lines.append(f"| {setting} | {name} | {' / '.join(f'{v:.1f}' for v in values)} |")
+  return "\n".join(lines + [""])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+  parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the per-channel forms")
+  parser.add_argument("--note", action="append", default=[], help="a line for the markdown (run conditions)")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="results directory")
+  args = parser.parse_args()
+  result = {"device": device_info(), "repeats": args.repeats, "notes": args.note,
+            "dot_shapes": DOT_SHAPES, "dot_gflops": [dot_rate(*shape, args.repeats) for shape in DOT_SHAPES],
+            "forms": {setting: form_times(setting, args.rounds, args.repeats) for setting in SETTINGS}}
+  args.out.mkdir(parents=True, exist_ok=True)
+  stem = args.out / "linear_attention_cpu_limits"
+  stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+  stem.with_suffix(".md").write_text(render(result))
+  print(render(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+"""``experiments/benchmarks/linear_attention_cpu_limits.py``: each forced per-channel form computes the same
+forward+backward as the shipped choice on GLA-like gates (so the timed programs do the same work), and the
+markdown has every row."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import jax
+import numpy as np
+
+from experiments.benchmarks import linear_attention_cpu_limits as limits
+from experiments.benchmarks.linear_attention import loss_fn, make_inputs
+from pallas_kernels.linear_attention import xla as linear_xla
+
+
+def test_forced_forms_match_the_shipped_choice():
+  inputs = make_inputs("linear_attention_channel", 1, 96, 2, 16)
+  value_and_grad = lambda: jax.jit(jax.value_and_grad(loss_fn("linear_attention", "xla")))(inputs)
+  shipped = value_and_grad()
+  for form in ("mild", "exact"):
+    with mock.patch.object(linear_xla, "_with_scores", limits._only(form)):  # pylint: disable=protected-access
+      forced = value_and_grad()
+    for got, want in zip(jax.tree.leaves(forced), jax.tree.leaves(shipped)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(want))), err_msg=form)
+
+
+def test_markdown_rows():
+  result = {"device": {"platform": "cpu", "cpu_model": "test", "cpu_count": 2, "jax": "0"}, "repeats": 3,
+            "notes": ["idle"], "dot_shapes": [(512, 64, 128, 128)], "dot_gflops": [29.5],
+            "forms": {"H2_D32": {"mild form alone": [6.8, 6.4]}}}
+  text = limits.render(result)
+  assert "| 512 | 64 x 128 x 128 | 29.5 |" in text and "| H2_D32 | mild form alone | 6.8 / 6.4 |" in text
+  assert "- Note: idle" in text

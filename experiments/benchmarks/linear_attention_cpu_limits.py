@@ -7,6 +7,9 @@ path").
   as shipped (one ``lax.cond`` per pass between the mild and the exact form), with the mild form alone and with
   the exact secondary-chunk form alone (``xla._with_scores`` replaced for the measurement; the mild form alone
   is not exact for large decay spans, so it is not an option of the library).
+* ``groups``: forward+backward of per-channel GLA and of the delta rule with the chunk-parallel passes run in
+  groups of chunks as shipped (``xla.GROUP_BYTES``) and on all chunks at once, with the fresh memory the
+  kernel hands the process per call (minor page faults) and the CPU seconds it spends (``machine.call_cost``).
 
 Times are medians of ``--repeats`` calls after a warm-up; the rounds alternate the forms, so a load change on a
 shared machine touches them alike.
@@ -27,8 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks.linear_attention import compile_fwd_bwd, make_inputs
-from experiments.benchmarks.machine import device_info, time_call
-from pallas_kernels.linear_attention import _gla_math
+from experiments.benchmarks.machine import call_cost, device_info, time_call
 from pallas_kernels.linear_attention import xla as linear_xla
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
@@ -48,11 +50,11 @@ def dot_rate(batch: int, rows: int, inner: int, cols: int, repeats: int) -> floa
 
 def _only(form: str):
   """A ``_with_scores`` that always takes one form of the per-channel scores (``"mild"`` or ``"exact"``)."""
-  def with_scores(plan, G, run):
+  run_form = {"mild": linear_xla._mild, "exact": linear_xla._exact}[form]  # pylint: disable=protected-access
+
+  def with_scores(plan, G, body, chunks, finish):
     del G
-    if form == "mild":
-      return run(lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype))
-    return run(lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, linear_xla.SUB_CHUNK))
+    return finish(run_form(plan, body, chunks))
   return with_scores
 
 
@@ -71,6 +73,27 @@ def form_times(setting: str, rounds: int, repeats: int) -> dict[str, list[float]
   return times
 
 
+GROUP_CASES = ("linear_attention_channel", "delta_rule")
+
+
+def group_costs(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, list[dict[str, float]]]]:
+  """``{case: {variant: [call_cost per round]}}``: forward+backward with chunk groups and all chunks at once."""
+  heads, dim = SETTINGS[setting]
+  out = {}
+  for case in GROUP_CASES:
+    op = "delta_rule" if case == "delta_rule" else "linear_attention"
+    inputs = make_inputs(case, 1, 4096, heads, dim)
+    compiled = {"chunk groups (shipped)": compile_fwd_bwd(op, "xla", inputs)}
+    with mock.patch.object(linear_xla, "GROUP_BYTES", None), mock.patch.object(linear_xla, "EXACT_GROUP_BYTES", None):
+      compiled["all chunks at once"] = compile_fwd_bwd(op, "xla", inputs)
+    costs: dict[str, list[dict[str, float]]] = {name: [] for name in compiled}
+    for _ in range(rounds):
+      for name, fn in compiled.items():
+        costs[name].append(call_cost(lambda fn=fn: fn(inputs), repeats))
+    out[case] = costs
+  return out
+
+
 def render(result: dict) -> str:
   info = result["device"]
   lines = ["# Linear attention on a CPU: the dot ceiling and the per-channel forms", "",
@@ -85,6 +108,14 @@ def render(result: dict) -> str:
   for setting, times in result["forms"].items():
     for name, values in times.items():
       lines.append(f"| {setting} | {name} | {' / '.join(f'{v:.1f}' for v in values)} |")
+  lines += ["", "## Chunk groups: forward+backward, T=4096, B=1, per call (one value per round)", "",
+            "| setting | case | passes | ms | fresh MiB | system CPU-s | user CPU-s |", "|---|---|---|---|---|---|---|"]
+  for setting, cases in result.get("groups", {}).items():
+    for case, variants in cases.items():
+      for name, rounds in variants.items():
+        cells = [" / ".join(fmt.format(r[key]) for r in rounds)
+                 for key, fmt in (("ms", "{:.1f}"), ("fresh_mib", "{:.0f}"), ("sys_s", "{:.3f}"), ("user_s", "{:.3f}"))]
+        lines.append(f"| {setting} | {case} | {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines + [""])
 
 
@@ -97,7 +128,8 @@ def main() -> None:
   args = parser.parse_args()
   result = {"device": device_info(), "repeats": args.repeats, "notes": args.note,
             "dot_shapes": DOT_SHAPES, "dot_gflops": [dot_rate(*shape, args.repeats) for shape in DOT_SHAPES],
-            "forms": {setting: form_times(setting, args.rounds, args.repeats) for setting in SETTINGS}}
+            "forms": {setting: form_times(setting, args.rounds, args.repeats) for setting in SETTINGS},
+            "groups": {setting: group_costs(setting, args.rounds, args.repeats) for setting in SETTINGS}}
   args.out.mkdir(parents=True, exist_ok=True)
   stem = args.out / "linear_attention_cpu_limits"
   stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

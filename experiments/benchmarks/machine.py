@@ -1,10 +1,12 @@
-"""The machine a benchmark's numbers belong to (written into every results file), and the two measurements
-every benchmark shares: a call's median wall time and the dense matmul peak that throughputs are quoted against."""
+"""The machine a benchmark's numbers belong to (written into every results file), and the measurements
+benchmarks share: a call's median wall time (and, where memory is the question, its CPU time and fresh pages)
+and the dense matmul peak that throughputs are quoted against."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -34,14 +36,25 @@ def device_info() -> dict[str, Any]:
 
 def time_call(fn: Callable[[], object], repeats: int) -> float:
   """Median wall time (seconds) of ``repeats`` calls after one warm-up call."""
+  return call_cost(fn, repeats)["ms"] / 1e3
+
+
+def call_cost(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+  """Per call, over ``repeats`` calls after one warm-up: median wall ``ms``, the process's user and system CPU
+  seconds (``user_s``, ``sys_s``), and ``fresh_mib``: minor page faults times the page size, the memory the
+  kernel had to hand the process afresh (XLA:CPU allocates a program's temporaries on every call; past glibc's
+  ``mmap`` threshold each of their pages faults on first touch, and ``sys_s`` is mostly that)."""
   import jax  # pylint: disable=import-outside-toplevel
   jax.block_until_ready(fn())
-  times = []
+  before, times = resource.getrusage(resource.RUSAGE_SELF), []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return {"ms": 1e3 * statistics.median(times), "user_s": (after.ru_utime - before.ru_utime) / repeats,
+          "sys_s": (after.ru_stime - before.ru_stime) / repeats,
+          "fresh_mib": (after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20 / repeats}
 
 
 def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:

@@ -14,6 +14,9 @@ fast 16-bit GEMM); elsewhere dots take the inputs' dtype with float32 accumulati
 
 from __future__ import annotations
 
+import functools
+import typing
+
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +24,17 @@ from pallas_kernels.linear_attention import _chunked, _delta_math, _gla_math
 
 # Sub-chunk rows of the exact per-channel intra-chunk scores (:class:`._gla_math.SecondaryChunkScores`).
 SUB_CHUNK = 4
+# On a CPU, float32 bytes of queries per group of chunks in the chunk-parallel passes (:func:`_over_chunk_groups`);
+# the exact per-channel form, whose temporaries are about three times the others', takes groups of an eighth.
+GROUP_BYTES = 1 << 20
+EXACT_GROUP_BYTES = GROUP_BYTES // 8
+
+
+class _Groups(typing.NamedTuple):
+  """The plan's options: bytes per chunk group of the passes and of the exact per-channel form (None: all
+  chunks at once, as on accelerators, which want the whole batch in every operation)."""
+  passes: int | None
+  exact: int | None
 
 
 def _grouped(x, kv_heads: int, chunk: int):
@@ -62,18 +76,51 @@ def _last(G):
   return None if G is None else G[..., -1:, :]
 
 
-def _with_scores(plan, G, run):
-  """``run(scores)`` with ``scores(q, k, G)`` the intra-chunk scores object of :mod:`._gla_math` for the decay
-  form of ``plan``. A per-key-channel decay takes :class:`._gla_math.MidScores` when :func:`._gla_math.is_mild`
-  holds, else the exact :class:`._gla_math.SecondaryChunkScores`: one ``lax.cond`` around the whole pass, so
-  each branch compiles as one fused program. The choice still costs at small heads: forward+backward at H=2,
-  K=V=32 takes about 2.3x the mild form alone, and nothing measurable at H=8, K=V=128
+def _over_chunk_groups(fn, chunks, group_bytes: int | None):
+  """``fn(*chunks)`` (``chunks``: chunk-major arrays, leading axis the chunks; None allowed) on groups of about
+  ``group_bytes`` of ``chunks[0]`` (``lax.map``), or on all chunks at once when they fit in one group (or
+  ``group_bytes`` is None).
+
+  The passes that are parallel over chunks run group by group so that their temporaries scale with a group,
+  not with the sequence. On a CPU that is most of their cost at large heads: XLA:CPU allocates a program's
+  temporaries on every call, and beyond glibc's ``mmap`` threshold (at most 32 MiB) that memory comes fresh
+  from the kernel each call, every page faulting on first touch (``docs/linear_attention_kernels.md``, "The
+  CPU path")."""
+  group = chunks[0].shape[0] if group_bytes is None else max(1, group_bytes // (4 * chunks[0][0].size))
+  if group >= chunks[0].shape[0]:
+    return fn(*chunks)
+  return jax.lax.map(lambda xs: fn(*xs), chunks, batch_size=group)
+
+
+def _mild(plan, body, chunks):
+  """``body(scores, *chunks)`` with :class:`._gla_math.MidScores` (per-key-channel decay of mild span)."""
+  scores = lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype)
+  return _over_chunk_groups(functools.partial(body, scores), chunks, plan.options.passes)
+
+
+def _exact(plan, body, chunks):
+  """``body(scores, *chunks)`` with the exact :class:`._gla_math.SecondaryChunkScores` (any decay)."""
+  scores = lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, SUB_CHUNK)
+  return _over_chunk_groups(functools.partial(body, scores), chunks, plan.options.exact)
+
+
+def _with_scores(plan, G, body, chunks, finish):
+  """``finish(body(scores, *chunks))``, chunk group by chunk group (:func:`_over_chunk_groups`): ``chunks`` the
+  pass's chunk-major arrays, ``scores(q, k, G)`` the intra-chunk scores object of :mod:`._gla_math` for the
+  decay form of ``plan``, ``finish`` the relayout of the pass's results (inside each branch, where it fuses
+  with their last operations).
+
+  A per-key-channel decay takes :func:`_mild` when :func:`._gla_math.is_mild` holds, else :func:`_exact`: one
+  ``lax.cond`` around the whole pass, so each branch compiles as one fused program. A ``cond`` needs the
+  temporaries of its larger branch even when that branch never runs, which is why the exact form's groups are
+  smaller: on all chunks at once it needed 47 MiB of temporaries at H=2, K=V=32, T=4096 (the mild form 15 MiB),
+  past glibc's ``mmap`` threshold, and the choice then took 2.3x the mild form alone
   (``experiments/benchmarks/results/linear_attention_cpu_limits.md``)."""
   if plan.decay != "channel":
-    return run(lambda q, k, G: _gla_math.HeadScores(q, k, G, plan.dtype))
-  mild = lambda: run(lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype))
-  exact = lambda: run(lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, SUB_CHUNK))
-  return jax.lax.cond(_gla_math.is_mild(G), mild, exact)
+    scores = lambda q, k, G: _gla_math.HeadScores(q, k, G, plan.dtype)
+    return finish(_over_chunk_groups(functools.partial(body, scores), chunks, plan.options.passes))
+  return jax.lax.cond(_gla_math.is_mild(G), lambda: finish(_mild(plan, body, chunks)),
+                      lambda: finish(_exact(plan, body, chunks)))
 
 
 # ---- gated linear attention ----------------------------------------------------------------------------------
@@ -91,9 +138,8 @@ def _gla_states(k, v, G, h0, plan):
 def _gla_output(q, k, v, G, h_all, plan):
   kv = k.shape[1]
   q, k, v, G = (_grouped(x, kv, plan.chunk) for x in (q, k, v, G))
-  h = _regroup(h_all, kv)
-  output = lambda scores: _gla_math.inter_output(q, G, h, plan.dtype) + scores(q, k, G).apply(v)
-  return _flat(plan.scale * _with_scores(plan, G, output))
+  output = lambda scores, q, k, v, G, h: _gla_math.inter_output(q, G, h, plan.dtype) + scores(q, k, G).apply(v)
+  return _with_scores(plan, G, output, (q, k, v, G, _regroup(h_all, kv)), lambda o: _flat(plan.scale * o))
 
 
 def _gla_state_grads(q, G, do, dh_final, plan):
@@ -111,15 +157,15 @@ def _gla_grads(q, k, v, G, h_all, dS_all, do, plan):
   h, dS = _regroup(h_all, kv), _regroup(dS_all, kv)
   do = plan.scale * do.astype(jnp.float32)
 
-  def grads(scores):
+  def grads(scores, q, k, v, G, h, dS, do):
     dq_a, dk_a, dv_a = scores(q, k, G).backward(do, v)
     dq, dk, dv, d_keys = _gla_math.inter_grads(q, k, v, G, _last(G), h, dS, do, plan.dtype)
     dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
     d_last = None if G is None else d_keys + _gla_math.carry_grad(_last(G), h, dS)
-    dG = _gla_math.gate_grad(q, k, dq, dk, G, d_last)
-    return _flat(dq), _group_sum(dk), _group_sum(dv), None if dG is None else _flat(dG)
+    return dq, dk, dv, _gla_math.gate_grad(q, k, dq, dk, G, d_last)
 
-  return _with_scores(plan, G, grads)
+  finish = lambda dq, dk, dv, dG: (_flat(dq), _group_sum(dk), _group_sum(dv), None if dG is None else _flat(dG))
+  return _with_scores(plan, G, grads, (q, k, v, G, h, dS, do), lambda grads: finish(*grads))
 
 
 # ---- gated delta rule -----------------------------------------------------------------------------------------
@@ -149,7 +195,8 @@ def _delta_states(k, w, u, G, h0, plan):
 def _delta_output(q, k, G, delta, h_all, plan):
   kv = k.shape[1]
   q, k, G = (_grouped(x, kv, plan.chunk) for x in (q, k, G))
-  return _flat(plan.scale * _delta_math.output(q, k, G, delta, h_all, plan.dtype))
+  output = lambda q, k, G, delta, h: _delta_math.output(q, k, G, delta, h, plan.dtype)
+  return _flat(plan.scale * _over_chunk_groups(output, (q, k, G, delta, h_all), plan.options.passes))
 
 
 def _delta_state_grads(q, k, w, G, do, dh_final, plan):
@@ -171,15 +218,18 @@ def _delta_state_grads(q, k, w, G, do, dh_final, plan):
 def _delta_grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, plan):
   kv, heads, beta_heads = k.shape[1], q.shape[1], beta.shape[1]
   q, k, v, beta, G, do = (_grouped(x, kv, plan.chunk) for x in (q, k, v, beta, G, do))
-  dq, dk, dv, dbeta, dG = _delta_math.grads(q, k, v, beta, G, _last(G), h_all, delta, d_delta, dS_all,
-                                            plan.scale * do.astype(jnp.float32), plan.dtype)
+  grads = lambda q, k, v, beta, G, h, delta, d_delta, dS, do: _delta_math.grads(
+      q, k, v, beta, G, _last(G), h, delta, d_delta, dS, plan.scale * do.astype(jnp.float32), plan.dtype)
+  dq, dk, dv, dbeta, dG = _over_chunk_groups(grads, (q, k, v, beta, G, h_all, delta, d_delta, dS_all, do),
+                                             plan.options.passes)
   dbeta = _flat(dbeta) if beta_heads == heads else _group_sum(dbeta)
   return _flat(dq), _group_sum(dk), _group_sum(dv), dbeta, None if dG is None else _flat(dG)
 
 
 def _plan(q, chunk_size):
-  dtype = jnp.float32 if jax.default_backend() == "cpu" else q.dtype
-  return chunk_size, dtype, None
+  if jax.default_backend() == "cpu":
+    return chunk_size, jnp.float32, _Groups(GROUP_BYTES, EXACT_GROUP_BYTES)
+  return chunk_size, q.dtype, _Groups(None, None)
 
 
 BACKEND = _chunked.Backend(

@@ -14,15 +14,17 @@ path").
 Times are medians of ``--repeats`` calls after a warm-up; the rounds alternate the forms, so a load change on a
 shared machine touches them alike.
 
-Run (writes ``experiments/benchmarks/results/linear_attention_cpu_limits.{json,md}``):
+Run (writes ``experiments/benchmarks/results/linear_attention_cpu_limits[_TAG].{json,md}``; the allocator's
+environment variables, ``GLIBC_TUNABLES`` and ``MALLOC_*``, are recorded with the device):
 
-    python -m experiments.benchmarks.linear_attention_cpu_limits [--repeats 20] [--rounds 2]
+    python -m experiments.benchmarks.linear_attention_cpu_limits [--repeats 20] [--rounds 2] [--tag TAG]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 from unittest import mock
 
@@ -96,9 +98,11 @@ def group_costs(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, 
 
 def render(result: dict) -> str:
   info = result["device"]
-  lines = ["# Linear attention on a CPU: the dot ceiling and the per-channel forms", "",
+  env = ", ".join(f"`{k}={v}`" for k, v in result.get("allocator_env", {}).items()) or "defaults"
+  lines = ["# Linear attention on a CPU: the dot ceiling, the per-channel forms, the chunk groups", "",
            f"Device: platform `{info['platform']}`, CPU {info['cpu_model']}, {info['cpu_count']} cores, "
-           f"jax {info['jax']}. Medians of {result['repeats']} calls after a warm-up."]
+           f"jax {info['jax']}; allocator environment: {env}. Medians of {result['repeats']} calls after a "
+           "warm-up."]
   lines += [f"- Note: {note}" for note in result.get("notes", [])]
   lines += ["", "## Batched float32 matmuls", "", "| batch | rows x inner x cols | GFLOP/s |", "|---|---|---|"]
   for (batch, rows, inner, cols), rate in zip(result["dot_shapes"], result["dot_gflops"]):
@@ -125,13 +129,15 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the per-channel forms")
   parser.add_argument("--note", action="append", default=[], help="a line for the markdown (run conditions)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="results directory")
+  parser.add_argument("--tag", default="", help="suffix of the results files' names (e.g. a run condition)")
   args = parser.parse_args()
-  result = {"device": device_info(), "repeats": args.repeats, "notes": args.note,
+  allocator_env = {k: v for k, v in sorted(os.environ.items()) if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")}
+  result = {"device": device_info(), "allocator_env": allocator_env, "repeats": args.repeats, "notes": args.note,
             "dot_shapes": DOT_SHAPES, "dot_gflops": [dot_rate(*shape, args.repeats) for shape in DOT_SHAPES],
             "forms": {setting: form_times(setting, args.rounds, args.repeats) for setting in SETTINGS},
             "groups": {setting: group_costs(setting, args.rounds, args.repeats) for setting in SETTINGS}}
   args.out.mkdir(parents=True, exist_ok=True)
-  stem = args.out / "linear_attention_cpu_limits"
+  stem = args.out / ("linear_attention_cpu_limits" + (f"_{args.tag}" if args.tag else ""))
   stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
   stem.with_suffix(".md").write_text(render(result))
   print(render(result))

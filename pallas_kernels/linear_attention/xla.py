@@ -79,18 +79,30 @@ def _last(G):
 
 def _over_chunk_groups(fn, chunks, group_bytes: int | None):
   """``fn(*chunks)`` (``chunks``: chunk-major arrays, leading axis the chunks; None allowed) on groups of about
-  ``group_bytes`` of ``chunks[0]`` (``lax.map``), or on all chunks at once when they fit in one group (or
-  ``group_bytes`` is None).
+  ``group_bytes`` of ``chunks[0]``, or on all chunks at once when they fit in one group (or ``group_bytes`` is
+  None). A ``fori_loop`` slices each group out of the whole arrays and writes its results into whole outputs
+  (a group size that divides the chunk count, so every group is whole).
 
   Why, on a CPU: XLA:CPU allocates a program's temporaries on every call, and beyond glibc's ``mmap``
   threshold (at most 32 MiB) that memory comes fresh from the kernel each call, every page faulting on first
   touch. Group by group, a pass's intermediates are reused from one group to the next: at H=8, K=V=128,
-  T=4096 a forward+backward touches about 130 MiB less fresh memory (``docs/linear_attention_kernels.md``,
-  "Fresh memory: what the choice cost, and chunk groups")."""
-  group = chunks[0].shape[0] if group_bytes is None else max(1, group_bytes // (4 * chunks[0][0].size))
-  if group >= chunks[0].shape[0]:
+  T=4096 a per-channel forward+backward touches about 90 MiB less fresh memory than on all chunks at once
+  (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
+  n = chunks[0].shape[0]
+  group = n if group_bytes is None else max(1, group_bytes // (4 * chunks[0][0].size))
+  if group >= n:
     return fn(*chunks)
-  return jax.lax.map(lambda xs: fn(*xs), chunks, batch_size=group)
+  while n % group:
+    group -= 1
+  take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * group, group, 0), chunks)
+  shapes = jax.eval_shape(lambda xs: fn(*xs), take(0))
+
+  def step(i, outputs):
+    return jax.tree.map(lambda out, y: jax.lax.dynamic_update_slice_in_dim(out, y, i * group, 0), outputs,
+                        fn(*take(i)))
+
+  outputs = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype), shapes)
+  return jax.lax.fori_loop(0, n // group, step, outputs)
 
 
 def _mild(plan, body, chunks):

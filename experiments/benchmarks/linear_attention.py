@@ -17,8 +17,8 @@ H = 8, K = V = 128 (fla's benchmark shape) and H = 2, K = V = 32 (a Zoology-size
 * Ratio check: other processes may share the CPU, so after the sweep the fwd+bwd time of ``xla`` and
   ``reference`` at ``RATIO_SEQ_LEN`` is measured ``--ratio-runs`` more times, back to back (every case, both
   settings); each ratio is computed within one run. ``--ratio-only`` skips the sweep.
-* Throughput: ``xla``'s fwd+bwd GFLOP/s in the ratio runs, counting the chunked form's four matmuls at chunk
-  ``C = 64`` (``2 C (K + V) + 4 K V`` FLOPs per token and head forward: scores and intra-chunk outputs, the
+* Throughput: ``xla``'s fwd+bwd GFLOP/s in the ratio runs, counting the chunked form's four matmuls at the
+  default chunk ``C`` (64; 32 at K = V = 32) (``2 C (K + V) + 4 K V`` FLOPs per token and head forward: scores and intra-chunk outputs, the
   state's read and its update) and 3x that for fwd+bwd, against a dense float32 matmul peak measured in the
   same run. The delta rule's extra work (the WY representation's triangular solve) is not counted, so its
   figure understates the work done.
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from pallas_kernels.linear_attention import delta_rule_op, linear_attention_op
+from pallas_kernels.linear_attention import default_chunk_size, delta_rule_op, linear_attention_op
 from experiments.benchmarks.machine import device_info, matmul_peak, time_call
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
@@ -66,7 +66,6 @@ CAPS = {"cpu": {("reference", "linear_attention_head", "H8_D128"): 4096,
         "gpu": {"reference": 4096, "parallel": 8192}, "tpu": {"reference": 4096, "parallel": 8192}}
 OPS = {"linear_attention": linear_attention_op, "delta_rule": delta_rule_op}
 RATIO_SEQ_LEN = 4096
-FLOP_CHUNK = 64
 _PALLAS_PLATFORM = {"pallas_tpu": "tpu", "pallas_triton": "gpu"}
 
 
@@ -87,22 +86,23 @@ def make_inputs(case: str, batch: int, seq: int, heads: int, dim: int, dtype=jnp
   return dict(q=q, k=k, v=v, beta=beta, log_decay=log_decay)
 
 
-def loss_fn(op: str, implementation: str) -> Callable[..., jax.Array]:
-  """Scalar loss of the op's output (a fixed random cotangent, so the backward pass is a full one)."""
+def loss_fn(op: str, implementation: str, **op_kwargs) -> Callable[..., jax.Array]:
+  """Scalar loss of the op's output (a fixed random cotangent, so the backward pass is a full one);
+  ``op_kwargs``: static arguments of the op (e.g. ``chunk_size``)."""
   public = getattr(pallas_kernels, op)
 
   def loss(inputs):
     inputs = dict(inputs)
     args = [inputs.pop(n) for n in ("q", "k", "v")] + ([inputs.pop("beta")] if op == "delta_rule" else [])
-    o = public(*args, **inputs, implementation=implementation)
+    o = public(*args, **inputs, implementation=implementation, **op_kwargs)
     return jnp.sum(o * jnp.cos(jnp.arange(o.shape[-1], dtype=o.dtype)))
 
   return loss
 
 
-def compile_fwd_bwd(op: str, implementation: str, inputs: dict[str, jax.Array]):
+def compile_fwd_bwd(op: str, implementation: str, inputs: dict[str, jax.Array], **op_kwargs):
   """The compiled ``jax.value_and_grad`` of the loss w.r.t. every input."""
-  return jax.jit(jax.value_and_grad(loss_fn(op, implementation))).lower(inputs).compile()
+  return jax.jit(jax.value_and_grad(loss_fn(op, implementation, **op_kwargs))).lower(inputs).compile()
 
 
 def bench_one(op: str, implementation: str, inputs: dict[str, jax.Array], repeats: int) -> dict[str, object]:
@@ -116,9 +116,9 @@ def bench_one(op: str, implementation: str, inputs: dict[str, jax.Array], repeat
 
 
 def chunked_flops(seq: int, heads: int, dim: int, *, backward: bool) -> float:
-  """FLOPs of the chunked form's four matmuls at chunk ``FLOP_CHUNK`` (K = V = ``dim``; B = 1), x3 with the
+  """FLOPs of the chunked form's four matmuls at the default chunk (K = V = ``dim``; B = 1), x3 with the
   backward."""
-  per_token = 2 * FLOP_CHUNK * (dim + dim) + 4 * dim * dim
+  per_token = 2 * default_chunk_size(seq, dim, dim) * (dim + dim) + 4 * dim * dim
   return per_token * seq * heads * (3.0 if backward else 1.0)
 
 

@@ -7,6 +7,8 @@ path").
   as shipped (one ``lax.cond`` per pass between the mild and the exact form), with the mild form alone and with
   the exact secondary-chunk form alone (``xla._with_scores`` replaced for the measurement; the mild form alone
   is not exact for large decay spans, so it is not an option of the library).
+* ``chunks``: forward+backward of the three cases at chunk lengths 32 and 64 (the default chunk follows
+  the head size: ``pallas_kernels.linear_attention.default_chunk_size``).
 * ``groups``: forward+backward of per-channel GLA and of the delta rule with the chunk-parallel passes run in
   groups of chunks as shipped (``xla.GROUP_BYTES``) and on all chunks at once, with the fresh memory the
   kernel hands the process per call (minor page faults) and the CPU seconds it spends (``machine.call_cost``).
@@ -76,6 +78,27 @@ def form_times(setting: str, rounds: int, repeats: int) -> dict[str, list[float]
 
 
 GROUP_CASES = ("linear_attention_channel", "delta_rule")
+CHUNK_CASES = ("linear_attention_head", "linear_attention_channel", "delta_rule")
+CHUNKS = (32, 64)
+
+
+def _op(case: str) -> str:
+  return "delta_rule" if case == "delta_rule" else "linear_attention"
+
+
+def chunk_times(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+  """``{case: {chunk: [ms per round]}}``: forward+backward at each of :data:`CHUNKS`."""
+  heads, dim = SETTINGS[setting]
+  out = {}
+  for case in CHUNK_CASES:
+    inputs = make_inputs(case, 1, 4096, heads, dim)
+    compiled = {str(c): compile_fwd_bwd(_op(case), "xla", inputs, chunk_size=c) for c in CHUNKS}
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(rounds):
+      for name, fn in compiled.items():
+        times[name].append(1e3 * time_call(lambda fn=fn: fn(inputs), repeats))
+    out[case] = times
+  return out
 
 
 def group_costs(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -83,11 +106,10 @@ def group_costs(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, 
   heads, dim = SETTINGS[setting]
   out = {}
   for case in GROUP_CASES:
-    op = "delta_rule" if case == "delta_rule" else "linear_attention"
     inputs = make_inputs(case, 1, 4096, heads, dim)
-    compiled = {"chunk groups (shipped)": compile_fwd_bwd(op, "xla", inputs)}
+    compiled = {"chunk groups (shipped)": compile_fwd_bwd(_op(case), "xla", inputs)}
     with mock.patch.object(linear_xla, "GROUP_BYTES", None), mock.patch.object(linear_xla, "EXACT_GROUP_BYTES", None):
-      compiled["all chunks at once"] = compile_fwd_bwd(op, "xla", inputs)
+      compiled["all chunks at once"] = compile_fwd_bwd(_op(case), "xla", inputs)
     costs: dict[str, list[dict[str, float]]] = {name: [] for name in compiled}
     for _ in range(rounds):
       for name, fn in compiled.items():
@@ -112,6 +134,12 @@ def render(result: dict) -> str:
   for setting, times in result["forms"].items():
     for name, values in times.items():
       lines.append(f"| {setting} | {name} | {' / '.join(f'{v:.1f}' for v in values)} |")
+  lines += ["", "## Chunk length: forward+backward, T=4096, B=1 (ms, one value per round)", "",
+            "| setting | case | chunk | ms |", "|---|---|---|---|"]
+  for setting, cases in result.get("chunks", {}).items():
+    for case, times in cases.items():
+      for chunk, values in times.items():
+        lines.append(f"| {setting} | {case} | {chunk} | {' / '.join(f'{v:.1f}' for v in values)} |")
   lines += ["", "## Chunk groups: forward+backward, T=4096, B=1, per call (one value per round)", "",
             "| setting | case | passes | ms | fresh MiB | system CPU-s | user CPU-s |", "|---|---|---|---|---|---|---|"]
   for setting, cases in result.get("groups", {}).items():
@@ -135,6 +163,7 @@ def main() -> None:
   result = {"device": device_info(), "allocator_env": allocator_env, "repeats": args.repeats, "notes": args.note,
             "dot_shapes": DOT_SHAPES, "dot_gflops": [dot_rate(*shape, args.repeats) for shape in DOT_SHAPES],
             "forms": {setting: form_times(setting, args.rounds, args.repeats) for setting in SETTINGS},
+            "chunks": {setting: chunk_times(setting, args.rounds, args.repeats) for setting in SETTINGS},
             "groups": {setting: group_costs(setting, args.rounds, args.repeats) for setting in SETTINGS}}
   args.out.mkdir(parents=True, exist_ok=True)
   stem = args.out / ("linear_attention_cpu_limits" + (f"_{args.tag}" if args.tag else ""))

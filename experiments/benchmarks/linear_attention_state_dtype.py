@@ -66,15 +66,19 @@ def make_inputs(case: str, seq: int, heads: int, dim: int, seed: int = 0) -> dic
   return {name: x.astype(jnp.bfloat16) for name, x in args.items()}
 
 
+CHUNK = 64
+
+
 def _call(implementation, args):
-  """``(o, final_state)`` of the case's op; ``implementation`` a dispatch name or a ``_chunked.Backend``."""
+  """``(o, final_state)`` of the case's op at chunk :data:`CHUNK`; ``implementation`` a dispatch name or a
+  ``_chunked.Backend``."""
   args = dict(args)
   if isinstance(implementation, str):
     op = pallas_kernels.delta_rule if "beta" in args else pallas_kernels.linear_attention
     positional = [args.pop(n) for n in ("q", "k", "v", "beta") if n in args]
-    return op(*positional, **args, return_final_state=True, implementation=implementation)
+    return op(*positional, **args, return_final_state=True, implementation=implementation, chunk_size=CHUNK)
   log_decay = args.pop("log_decay")
-  canonical = dict(scale=args["q"].shape[-1] ** -0.5, initial_state=None, segment_ids=None, chunk_size=64,
+  canonical = dict(scale=args["q"].shape[-1] ** -0.5, initial_state=None, segment_ids=None, chunk_size=CHUNK,
                    return_final_state=True)
   if "beta" in args:
     return _chunked.delta_rule(implementation, args["q"], args["k"], args["v"], args["beta"], log_decay,
@@ -120,7 +124,7 @@ def render(result: dict) -> str:
   names = sorted({n for row in result["rows"] for n in row["errors"]}, key=lambda n: (n != "o", n))
   lines = ["# Linear attention: bfloat16 stored chunk states", "",
            f"Device: {_device(result['device'])}. Shapes: B=1, T={result['seq']}, H={result['heads']}, "
-           f"K=V={result['dim']}, chunk 64, bfloat16 inputs. Relative RMS error against `reference` "
+           f"K=V={result['dim']}, chunk {CHUNK}, bfloat16 inputs. Relative RMS error against `reference` "
            f"(float32 token-by-token scan on the same inputs); tolerances of the bfloat16 tests: "
            f"{TOLERANCES['values']:g} (values), {TOLERANCES['gates']:g} (gate gradients).", "",
            "| case | stored states | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]

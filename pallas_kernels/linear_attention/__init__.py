@@ -44,6 +44,7 @@ from pallas_kernels.dispatch import Op
 from pallas_kernels.linear_attention._chunked import Config
 
 DEFAULT_CHUNK_SIZE = 64
+SMALL_HEAD_CHUNK_SIZE = 32  # when 2 K V / (K + V) <= 32 (:func:`default_chunk_size`)
 _LAYOUT = "(batch, seq, heads, dim)"
 _STEP_LAYOUT = "(batch, heads, dim)"
 
@@ -197,7 +198,7 @@ def _sequence_args(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_
   _checks.check_positive_int("chunk_size", chunk_size)
   check_kernel_config(kernel_config)
   return dict(scale=_check_scale(scale, key_dim), initial_state=initial_state, segment_ids=segment_ids,
-              chunk_size=chunk_size or default_chunk_size(seq), config=kernel_config)
+              chunk_size=chunk_size or default_chunk_size(seq, key_dim, value_dim), config=kernel_config)
 
 
 def check_kernel_config(kernel_config) -> None:
@@ -207,10 +208,18 @@ def check_kernel_config(kernel_config) -> None:
                      "pallas_kernels.linear_attention.Config")
 
 
-def default_chunk_size(seq: int) -> int:
-  """``DEFAULT_CHUNK_SIZE``, or ``seq`` rounded up to a multiple of 16 when that is shorter: a short sequence
-  is not padded to a whole default chunk (16 keeps every backend's tile constraints)."""
-  return min(DEFAULT_CHUNK_SIZE, -(-seq // 16) * 16)
+def default_chunk_size(seq: int, key_dim: int, value_dim: int) -> int:
+  """``DEFAULT_CHUNK_SIZE``, or ``SMALL_HEAD_CHUNK_SIZE`` for small heads; ``seq`` rounded up to a multiple of
+  16 when that is shorter (a short sequence is not padded to a whole chunk; 16 keeps every backend's tile
+  constraints).
+
+  Small heads: a ``C``-row chunk's intra-chunk products cost ``2 C (K + V)`` FLOPs per token, its state
+  products ``4 K V`` whatever ``C``; they balance at ``C = 2 K V / (K + V)``, and where that is at most 32
+  (K = V = 32: a 64-row chunk spends twice as much inside the chunk as on the state) the shorter chunk is
+  used. Forward+backward at H=2, K=V=32, T=4096 on the 2-core CPU took less time at chunk 32 than at 64 for
+  all three forms (``experiments/benchmarks/results/linear_attention_cpu_limits.md``, "Chunk length")."""
+  full = SMALL_HEAD_CHUNK_SIZE if 2 * key_dim * value_dim <= 32 * (key_dim + value_dim) else DEFAULT_CHUNK_SIZE
+  return min(full, -(-seq // 16) * 16)
 
 
 def _step_args(q, k, v, state, log_decay, scale, *, decay_forms) -> float:

@@ -29,11 +29,13 @@ def test_markdown_rows():
   result = {"device": {"platform": "cpu", "cpu_model": "test", "cpu_count": 2, "jax": "0"}, "repeats": 3,
             "notes": ["idle"], "dot_shapes": [(512, 64, 128, 128)], "dot_gflops": [29.5],
             "forms": {"H2_D32": {"mild form alone": [6.8, 6.4]}},
+            "chunks": {"H2_D32": {"delta_rule": {"32": [14.1, 14.4], "64": [17.6, 18.0]}}},
             "groups": {"H8_D128": {"delta_rule": {"all chunks at once": [
                 dict(ms=520.0, fresh_mib=480.0, sys_s=0.29, user_s=0.45),
                 dict(ms=530.0, fresh_mib=470.0, sys_s=0.3, user_s=0.44)]}}}}
   text = limits.render(result)
   assert "| 512 | 64 x 128 x 128 | 29.5 |" in text and "| H2_D32 | mild form alone | 6.8 / 6.4 |" in text
+  assert "| H2_D32 | delta_rule | 32 | 14.1 / 14.4 |" in text
   row = "| H8_D128 | delta_rule | all chunks at once | 520.0 / 530.0 | 480 / 470 | 0.290 / 0.300 | 0.450 / 0.440 |"
   assert row in text
   assert "- Note: idle" in text

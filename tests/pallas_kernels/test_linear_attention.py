@@ -76,9 +76,12 @@ def test_chunk_groups_match_reference(decay, delta, monkeypatch):
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=16), want, **F32)
 
 
-def test_default_chunk_shrinks_for_short_sequences():
+def test_default_chunk_shrinks_for_short_sequences_and_small_heads():
   from pallas_kernels.linear_attention import default_chunk_size  # pylint: disable=import-outside-toplevel
-  assert [default_chunk_size(t) for t in (1, 16, 17, 40, 64, 65, 4096)] == [16, 16, 32, 48, 64, 64, 64]
+  assert [default_chunk_size(t, 128, 128) for t in (1, 16, 17, 40, 64, 65, 4096)] == [16, 16, 32, 48, 64, 64, 64]
+  # small heads (2 K V / (K + V) <= 32) take 32-row chunks; K=V=64 and K=32, V=128 keep 64
+  assert [default_chunk_size(4096, k, v) for k, v in ((32, 32), (16, 64), (64, 64), (32, 128))] == [32, 32, 64, 64]
+  assert default_chunk_size(20, 32, 32) == 32
   args = helpers.inputs(3, seq=17, decay="channel")
   run = lambda **kw: pallas_kernels.linear_attention(**args, return_final_state=True, implementation="xla", **kw)
   for got, want in zip(run(), run(chunk_size=64)):  # one 32-row chunk instead of one 64-row chunk: same result

@@ -86,7 +86,7 @@ def _over_chunk_groups(fn, chunks, group_bytes: int | None):
   Why, on a CPU: XLA:CPU allocates a program's temporaries on every call, and beyond glibc's ``mmap``
   threshold (at most 32 MiB) that memory comes fresh from the kernel each call, every page faulting on first
   touch. Group by group, a pass's intermediates are reused from one group to the next: at H=8, K=V=128,
-  T=4096 a per-channel forward+backward touches about 90 MiB less fresh memory than on all chunks at once
+  T=4096 a per-channel forward+backward touches about 200 MiB less fresh memory than on all chunks at once
   (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
   n = chunks[0].shape[0]
   group = n if group_bytes is None else max(1, group_bytes // (4 * chunks[0][0].size))

@@ -62,6 +62,16 @@ def _only(form: str):
   return with_scores
 
 
+def _alternate(compiled: dict, inputs, rounds: int, repeats: int, measure=None) -> dict[str, list]:
+  """``{name: [measure per round]}``: the compiled programs in turn, round after round (default: ms)."""
+  measure = measure or (lambda fn, n: 1e3 * time_call(fn, n))
+  out: dict[str, list] = {name: [] for name in compiled}
+  for _ in range(rounds):
+    for name, fn in compiled.items():
+      out[name].append(measure(lambda fn=fn: fn(inputs), repeats))
+  return out
+
+
 def form_times(setting: str, rounds: int, repeats: int) -> dict[str, list[float]]:
   """Forward+backward ms per round of the shipped per-channel form choice and of each form alone."""
   heads, dim = SETTINGS[setting]
@@ -70,11 +80,7 @@ def form_times(setting: str, rounds: int, repeats: int) -> dict[str, list[float]
   for form in ("mild", "exact"):
     with mock.patch.object(linear_xla, "_with_scores", _only(form)):
       compiled[f"{form} form alone"] = compile_fwd_bwd("linear_attention", "xla", inputs)
-  times: dict[str, list[float]] = {name: [] for name in compiled}
-  for _ in range(rounds):
-    for name, fn in compiled.items():
-      times[name].append(1e3 * time_call(lambda fn=fn: fn(inputs), repeats))
-  return times
+  return _alternate(compiled, inputs, rounds, repeats)
 
 
 GROUP_CASES = ("linear_attention_channel", "delta_rule")
@@ -93,11 +99,7 @@ def chunk_times(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, 
   for case in CHUNK_CASES:
     inputs = make_inputs(case, 1, 4096, heads, dim)
     compiled = {str(c): compile_fwd_bwd(_op(case), "xla", inputs, chunk_size=c) for c in CHUNKS}
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    for _ in range(rounds):
-      for name, fn in compiled.items():
-        times[name].append(1e3 * time_call(lambda fn=fn: fn(inputs), repeats))
-    out[case] = times
+    out[case] = _alternate(compiled, inputs, rounds, repeats)
   return out
 
 
@@ -110,12 +112,12 @@ def group_costs(setting: str, rounds: int, repeats: int) -> dict[str, dict[str, 
     compiled = {"chunk groups (shipped)": compile_fwd_bwd(_op(case), "xla", inputs)}
     with mock.patch.object(linear_xla, "GROUP_BYTES", None), mock.patch.object(linear_xla, "EXACT_GROUP_BYTES", None):
       compiled["all chunks at once"] = compile_fwd_bwd(_op(case), "xla", inputs)
-    costs: dict[str, list[dict[str, float]]] = {name: [] for name in compiled}
-    for _ in range(rounds):
-      for name, fn in compiled.items():
-        costs[name].append(call_cost(lambda fn=fn: fn(inputs), repeats))
-    out[case] = costs
+    out[case] = _alternate(compiled, inputs, rounds, repeats, call_cost)
   return out
+
+
+def _per_round(values, fmt: str = "{:.1f}") -> str:
+  return " / ".join(fmt.format(v) for v in values)
 
 
 def render(result: dict) -> str:
@@ -133,19 +135,19 @@ def render(result: dict) -> str:
             "| setting | form | ms |", "|---|---|---|"]
   for setting, times in result["forms"].items():
     for name, values in times.items():
-      lines.append(f"| {setting} | {name} | {' / '.join(f'{v:.1f}' for v in values)} |")
+      lines.append(f"| {setting} | {name} | {_per_round(values)} |")
   lines += ["", "## Chunk length: forward+backward, T=4096, B=1 (ms, one value per round)", "",
             "| setting | case | chunk | ms |", "|---|---|---|---|"]
   for setting, cases in result.get("chunks", {}).items():
     for case, times in cases.items():
       for chunk, values in times.items():
-        lines.append(f"| {setting} | {case} | {chunk} | {' / '.join(f'{v:.1f}' for v in values)} |")
+        lines.append(f"| {setting} | {case} | {chunk} | {_per_round(values)} |")
   lines += ["", "## Chunk groups: forward+backward, T=4096, B=1, per call (one value per round)", "",
             "| setting | case | passes | ms | fresh MiB | system CPU-s | user CPU-s |", "|---|---|---|---|---|---|---|"]
   for setting, cases in result.get("groups", {}).items():
     for case, variants in cases.items():
       for name, rounds in variants.items():
-        cells = [" / ".join(fmt.format(r[key]) for r in rounds)
+        cells = [_per_round((r[key] for r in rounds), fmt)
                  for key, fmt in (("ms", "{:.1f}"), ("fresh_mib", "{:.0f}"), ("sys_s", "{:.3f}"), ("user_s", "{:.3f}"))]
         lines.append(f"| {setting} | {case} | {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines + [""])

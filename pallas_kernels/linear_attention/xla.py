@@ -16,6 +16,7 @@ fast 16-bit GEMM); elsewhere dots take the inputs' dtype with float32 accumulati
 from __future__ import annotations
 
 import functools
+import math
 import typing
 
 import jax
@@ -89,7 +90,7 @@ def _over_chunk_groups(fn, chunks, group_bytes: int | None):
   T=4096 a per-channel forward+backward touches about 200 MiB less fresh memory than on all chunks at once
   (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
   n = chunks[0].shape[0]
-  group = n if group_bytes is None else max(1, group_bytes // (4 * chunks[0][0].size))
+  group = n if group_bytes is None else max(1, group_bytes // (4 * math.prod(chunks[0].shape[1:])))
   if group >= n:
     return fn(*chunks)
   while n % group:
@@ -128,7 +129,7 @@ def _with_scores(plan, G, body, chunks, finish):
   temporaries of its larger branch even when that branch never runs, which is why the exact form's groups are
   smaller: on all chunks at once it needed 47 MiB of temporaries at H=2, K=V=32, T=4096 (the mild form 15 MiB),
   past glibc's ``mmap`` threshold, and the choice then took 2.3x the mild form alone
-  (``experiments/benchmarks/results/linear_attention_cpu_limits.md``)."""
+  (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
   if plan.decay != "channel":
     scores = lambda q, k, G: _gla_math.HeadScores(q, k, G, plan.dtype)
     return finish(_over_chunk_groups(functools.partial(body, scores), chunks, plan.options.passes))

@@ -18,8 +18,8 @@ H = 8, K = V = 128 (fla's benchmark shape) and H = 2, K = V = 32 (a Zoology-size
   ``reference`` at ``RATIO_SEQ_LEN`` is measured ``--ratio-runs`` more times, back to back (every case, both
   settings); each ratio is computed within one run. ``--ratio-only`` skips the sweep.
 * Throughput: ``xla``'s fwd+bwd GFLOP/s in the ratio runs, counting the chunked form's four matmuls at the
-  default chunk ``C`` (64; 32 at K = V = 32) (``2 C (K + V) + 4 K V`` FLOPs per token and head forward: scores and intra-chunk outputs, the
-  state's read and its update) and 3x that for fwd+bwd, against a dense float32 matmul peak measured in the
+  default chunk ``C`` (64; 32 at K = V = 32) (``2 C (K + V) + 4 K V`` FLOPs per token and head forward: scores
+  and intra-chunk outputs, the state's read and its update) and 3x that for fwd+bwd, against a dense float32 matmul peak measured in the
   same run. The delta rule's extra work (the WY representation's triangular solve) is not counted, so its
   figure understates the work done.
 

@@ -54,11 +54,9 @@ def dot_rate(batch: int, rows: int, inner: int, cols: int, repeats: int) -> floa
 
 def _only(form: str):
   """A ``_with_scores`` that always takes one form of the per-channel scores (``"mild"`` or ``"exact"``)."""
-  run_form = {"mild": linear_xla._mild, "exact": linear_xla._exact}[form]  # pylint: disable=protected-access
-
   def with_scores(plan, G, body, chunks, finish):
     del G
-    return finish(run_form(plan, body, chunks))
+    return finish(linear_xla.run_form(plan, form, body, chunks))
   return with_scores
 
 

@@ -106,35 +106,33 @@ def _over_chunk_groups(fn, chunks, group_bytes: int | None):
   return jax.lax.fori_loop(0, n // group, step, outputs)
 
 
-def _mild(plan, body, chunks):
-  """``body(scores, *chunks)`` with :class:`._gla_math.MidScores` (per-key-channel decay of mild span)."""
-  scores = lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype)
-  return _over_chunk_groups(functools.partial(body, scores), chunks, plan.options.passes)
-
-
-def _exact(plan, body, chunks):
-  """``body(scores, *chunks)`` with the exact :class:`._gla_math.SecondaryChunkScores` (any decay)."""
-  scores = lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, SUB_CHUNK)
-  return _over_chunk_groups(functools.partial(body, scores), chunks, plan.options.exact)
+def run_form(plan, form: str, body, chunks):
+  """``body(scores, *chunks)`` chunk group by chunk group, ``scores(q, k, G)`` the intra-chunk scores of
+  ``form``: "head" (:class:`._gla_math.HeadScores`: no decay or a per-head one), "mild"
+  (:class:`._gla_math.MidScores`: a per-key-channel decay of mild span) or "exact"
+  (:class:`._gla_math.SecondaryChunkScores`: any per-key-channel decay, in its smaller groups)."""
+  scores = {"head": lambda q, k, G: _gla_math.HeadScores(q, k, G, plan.dtype),
+            "mild": lambda q, k, G: _gla_math.MidScores(q, k, G, plan.dtype),
+            "exact": lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, SUB_CHUNK)}[form]
+  group_bytes = plan.options.exact if form == "exact" else plan.options.passes
+  return _over_chunk_groups(functools.partial(body, scores), chunks, group_bytes)
 
 
 def _with_scores(plan, G, body, chunks, finish):
-  """``finish(body(scores, *chunks))``, chunk group by chunk group (:func:`_over_chunk_groups`): ``chunks`` the
-  pass's chunk-major arrays, ``scores(q, k, G)`` the intra-chunk scores object of :mod:`._gla_math` for the
-  decay form of ``plan``, ``finish`` the relayout of the pass's results (inside each branch, where it fuses
-  with their last operations).
+  """``finish(body(scores, *chunks))`` (:func:`run_form`): ``chunks`` the pass's chunk-major arrays, ``scores``
+  for the decay form of ``plan``, ``finish`` the relayout of the pass's results (inside each branch, where it
+  fuses with their last operations).
 
-  A per-key-channel decay takes :func:`_mild` when :func:`._gla_math.is_mild` holds, else :func:`_exact`: one
+  A per-key-channel decay takes the "mild" form when :func:`._gla_math.is_mild` holds, else "exact": one
   ``lax.cond`` around the whole pass, so each branch compiles as one fused program. A ``cond`` needs the
   temporaries of its larger branch even when that branch never runs, which is why the exact form's groups are
   smaller: on all chunks at once it needed 47 MiB of temporaries at H=2, K=V=32, T=4096 (the mild form 15 MiB),
   past glibc's ``mmap`` threshold, and the choice then took 2.3x the mild form alone
   (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
   if plan.decay != "channel":
-    scores = lambda q, k, G: _gla_math.HeadScores(q, k, G, plan.dtype)
-    return finish(_over_chunk_groups(functools.partial(body, scores), chunks, plan.options.passes))
-  return jax.lax.cond(_gla_math.is_mild(G), lambda: finish(_mild(plan, body, chunks)),
-                      lambda: finish(_exact(plan, body, chunks)))
+    return finish(run_form(plan, "head", body, chunks))
+  return jax.lax.cond(_gla_math.is_mild(G), lambda: finish(run_form(plan, "mild", body, chunks)),
+                      lambda: finish(run_form(plan, "exact", body, chunks)))
 
 
 # ---- gated linear attention ----------------------------------------------------------------------------------

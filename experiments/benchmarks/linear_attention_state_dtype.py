@@ -2,10 +2,11 @@
 in accuracy (the Pallas kernels' ``Config(states_dtype="bfloat16")``; docs/linear_attention_kernels.md, "Dtype
 policy").
 
-The chunked ops write the state entering every chunk, ``(N, B, H, V, K)`` float32, in their forward ``states`` pass
-and read it in the ``output`` and backward passes (docs/linear_attention_kernels.md). Here the ``xla`` backend runs
-as shipped, and again with those stored states rounded to bfloat16 on write (the state recurrence itself and the
-returned final state stay float32, as a kernel accumulating in float32 would keep them). Both are compared with
+The chunked ops keep the state entering every chunk, ``(N, B, H, V, K)`` float32, from their forward for the
+outputs and the backward (docs/linear_attention_kernels.md). Here the ``xla`` backend runs as shipped, and again
+keeping those states in bfloat16 (``xla.backend(states_dtype="bfloat16")``: the outputs and the backward read
+the rounded states; the state recurrence itself and the returned final state stay float32, as a kernel
+accumulating in float32 would keep them). Both are compared with
 ``reference`` (the token-by-token float32 scan) on the same bfloat16 inputs, for the output, the final state and
 the gradient of every input, as relative RMS errors (flash-linear-attention's test metric;
 ``pallas_kernels.selftest.relative_error``). The library's bfloat16 test tolerances are 5e-3 (values) and 2e-2
@@ -19,7 +20,6 @@ Run (writes ``experiments/benchmarks/results/linear_attention_state_dtype.{json,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 
@@ -38,18 +38,7 @@ TOLERANCES = {"values": 5e-3, "gates": 2e-2}
 CASES = ("gla_channel", "gla_head", "delta_rule")
 
 
-def _rounded(states_fn):
-  """A ``states`` pass whose stored chunk states (its first result) are rounded to bfloat16."""
-  def run(*args):
-    h_all, *rest = states_fn(*args)
-    return (h_all.astype(jnp.bfloat16).astype(jnp.float32), *rest)
-  return run
-
-
-BF16_STATES = dataclasses.replace(
-    linear_xla.BACKEND, name="xla_bf16_states",
-    gla=(_rounded(linear_xla.BACKEND.gla[0]), *linear_xla.BACKEND.gla[1:]),
-    delta=(linear_xla.BACKEND.delta[0], _rounded(linear_xla.BACKEND.delta[1]), *linear_xla.BACKEND.delta[2:]))
+BF16_STATES = linear_xla.backend(states_dtype="bfloat16")
 
 
 def make_inputs(case: str, seq: int, heads: int, dim: int, seed: int = 0) -> dict:

@@ -90,87 +90,102 @@ class Plan:
 
 
 @dataclasses.dataclass(frozen=True)
+class Op:
+  """One op's two halves in kernel layout, as the ``custom_vjp`` calls them.
+
+  Attributes:
+    forward: ``(*inputs, h0, plan) -> ((o, h_final), residuals)``; inputs ``(q, k, v, G)`` for gated linear
+      attention, ``(q, k, v, beta, G)`` for the delta rule.
+    backward: ``(residuals, (do, dh_final), plan) -> (*input cotangents, dh0)`` in float32 (the wrapper casts).
+  """
+  forward: Callable
+  backward: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class Backend:
-  """One backend's passes (each ``(..., plan) -> ...`` in kernel layout; see the module docstring).
+  """One backend's ops (see the module docstring).
 
   Attributes:
     name: implementation name, for error messages.
-    gla: ``(states, output, state_grads, grads)`` of gated linear attention.
-    delta: ``(prepare, states, output, state_grads, grads)`` of the delta rule.
+    gla: gated linear attention.
+    delta: the delta rule.
     plan: ``(q, chunk) -> (chunk, dtype, options)``: the chunk, compute dtype and options for these inputs
       (may raise ``NotImplementedError``).
     pad_pow2: pad K and V to powers of two (>= 16), as Triton's dots need.
-    save_states: keep the forward's chunk states as residuals (else the backward recomputes them).
   """
   name: str
-  gla: tuple[Callable, ...]
-  delta: tuple[Callable, ...]
+  gla: Op
+  delta: Op
   plan: Callable
   pad_pow2: bool = False
-  save_states: bool = False
+
+
+def gla_from_passes(states, output, state_grads, grads) -> Op:
+  """Gated linear attention from four passes (module docstring), each ``(..., plan) -> ...``: ``states(k, v, G,
+  h0) -> (h_all, h_final)``, ``output(q, k, v, G, h_all) -> o``, ``state_grads(q, G, do, dh_final) -> (dS_all,
+  dh0)``, ``grads(q, k, v, G, h_all, dS_all, do) -> (dq, dk, dv, dG)``. The backward recomputes the chunk states
+  (a kernel's passes are bound by memory traffic, not by the state pass's work)."""
+  def forward(q, k, v, G, h0, plan):
+    h_all, h_final = states(k, v, G, h0, plan)
+    return (output(q, k, v, G, h_all, plan), h_final), (q, k, v, G, h0)
+
+  def backward(residuals, cotangents, plan):
+    q, k, v, G, h0 = residuals
+    do, dh_final = cotangents
+    dS_all, dh0 = state_grads(q, G, do, dh_final, plan)
+    return (*grads(q, k, v, G, states(k, v, G, h0, plan)[0], dS_all, do, plan), dh0)
+
+  return Op(forward, backward)
+
+
+def delta_from_passes(prepare, states, output, state_grads, grads) -> Op:
+  """The delta rule from five passes (module docstring): ``prepare(k, v, beta, G) -> (w, u)``, ``states(k, w,
+  u, G, h0) -> (h_all, delta, h_final)``, ``output(q, k, G, delta, h_all) -> o``, ``state_grads(q, k, w, G, do,
+  dh_final) -> (dS_all, d_delta, dh0)``, ``grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do) -> (dq, dk,
+  dv, dbeta, dG)``; the backward recomputes ``w``, the states and ``delta``."""
+  def forward_states(k, v, beta, G, h0, plan):
+    w, u = prepare(k, v, beta, G, plan)
+    return (w, *states(k, w, u, G, h0, plan))
+
+  def forward(q, k, v, beta, G, h0, plan):
+    _, h_all, delta, h_final = forward_states(k, v, beta, G, h0, plan)
+    return (output(q, k, G, delta, h_all, plan), h_final), (q, k, v, beta, G, h0)
+
+  def backward(residuals, cotangents, plan):
+    q, k, v, beta, G, h0 = residuals
+    do, dh_final = cotangents
+    w, h_all, delta, _ = forward_states(k, v, beta, G, h0, plan)
+    dS_all, d_delta, dh0 = state_grads(q, k, w, G, do, dh_final, plan)
+    return (*grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, plan), dh0)
+
+  return Op(forward, backward)
 
 
 # ---- custom_vjp ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _gla(backend: Backend, plan: Plan, q, k, v, G, h0):
-  return _gla_fwd(backend, plan, q, k, v, G, h0)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _run(op: Op, plan: Plan, input_dtypes, *inputs_and_h0):
+  return op.forward(*inputs_and_h0, plan)[0]
 
 
-def _gla_fwd(backend, plan, q, k, v, G, h0):
-  states, output, _, _ = backend.gla
-  h_all, h_final = states(k, v, G, h0, plan)
-  saved = h_all if backend.save_states else None
-  return (output(q, k, v, G, h_all, plan), h_final), (q, k, v, G, h0, saved)
+def _run_fwd(op, plan, input_dtypes, *inputs_and_h0):
+  return op.forward(*inputs_and_h0, plan)
 
 
-def _gla_bwd(backend, plan, residuals, cotangents):
-  q, k, v, G, h0, h_all = residuals
+def _run_bwd(op, plan, input_dtypes, residuals, cotangents):
   do, dh_final = cotangents
-  states, _, state_grads, grads = backend.gla
-  if h_all is None:
-    h_all = states(k, v, G, h0, plan)[0]
-  dS_all, dh0 = state_grads(q, G, do, dh_final.astype(jnp.float32), plan)
-  dq, dk, dv, dG = grads(q, k, v, G, h_all, dS_all, do, plan)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG, dh0
+  *grads, dh0 = op.backward(residuals, (do, dh_final.astype(jnp.float32)), plan)
+  return (*(g if dtype is None else g.astype(dtype) for g, dtype in zip(grads, input_dtypes)), dh0)
 
 
-_gla.defvjp(_gla_fwd, _gla_bwd)
+_run.defvjp(_run_fwd, _run_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _delta(backend: Backend, plan: Plan, q, k, v, beta, G, h0):
-  return _delta_fwd(backend, plan, q, k, v, beta, G, h0)[0]
-
-
-def _delta_forward_states(backend, plan, k, v, beta, G, h0):
-  prepare, states = backend.delta[:2]
-  w, u = prepare(k, v, beta, G, plan)
-  h_all, delta, h_final = states(k, w, u, G, h0, plan)
-  return w, h_all, delta, h_final
-
-
-def _delta_fwd(backend, plan, q, k, v, beta, G, h0):
-  w, h_all, delta, h_final = _delta_forward_states(backend, plan, k, v, beta, G, h0)
-  o = backend.delta[2](q, k, G, delta, h_all, plan)
-  saved = (w, h_all, delta) if backend.save_states else None
-  return (o, h_final), (q, k, v, beta, G, h0, saved)
-
-
-def _delta_bwd(backend, plan, residuals, cotangents):
-  q, k, v, beta, G, h0, saved = residuals
-  do, dh_final = cotangents
-  if saved is None:
-    saved = _delta_forward_states(backend, plan, k, v, beta, G, h0)[:3]
-  w, h_all, delta = saved
-  state_grads, grads = backend.delta[3:]
-  dS_all, d_delta, dh0 = state_grads(q, k, w, G, do, dh_final.astype(jnp.float32), plan)
-  dq, dk, dv, dbeta, dG = grads(q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, plan)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype), dG, dh0
-
-
-_delta.defvjp(_delta_fwd, _delta_bwd)
+def _dtypes(*inputs):
+  """The cotangent dtypes of ``inputs`` (None: keep float32, as for ``G``)."""
+  return tuple(None if x is None or x.dtype == jnp.float32 else jnp.dtype(x.dtype) for x in inputs)
 
 
 # ---- canonical arguments -> kernel layout --------------------------------------------------------------------
@@ -247,8 +262,8 @@ def linear_attention(backend: Backend, q, k, v, log_decay, *, scale, initial_sta
   G = _cumulative_log_decay(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded)
   if G is not None and plan.decay == "channel" and layout.kp != layout.key_dim:
     G = jnp.pad(G, ((0, 0), (0, 0), (0, 0), (0, layout.kp - layout.key_dim)))
-  o, s = _gla(backend, plan, layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp), G,
-              layout.state_in(initial_state))
+  inputs = (layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp), G)
+  o, s = _run(backend.gla, plan, _dtypes(*inputs), *inputs, layout.state_in(initial_state))
   return layout.outputs(o, s, q.dtype)
 
 
@@ -261,6 +276,7 @@ def delta_rule(backend: Backend, q, k, v, beta, log_decay, *, scale, initial_sta
     plan = dataclasses.replace(plan, decay="head")
   layout = _Layout(backend, plan.chunk, q, v)
   G = _cumulative_log_decay(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded)
-  o, s = _delta(backend, plan, layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp),
-                layout.rows(beta[..., None]), G, layout.state_in(initial_state))
+  inputs = (layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp),
+            layout.rows(beta[..., None]), G)
+  o, s = _run(backend.delta, plan, _dtypes(*inputs), *inputs, layout.state_in(initial_state))
   return layout.outputs(o, s, q.dtype)

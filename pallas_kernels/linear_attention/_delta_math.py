@@ -20,12 +20,14 @@ d delta^T w``; the parallel pass differentiates ``delta = u - w S^T`` through ``
 
 from __future__ import annotations
 
+import typing
+
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention import _gla_math
 from pallas_kernels.linear_attention._tiles import (as_col, causal_mask, col_sum, iota, last_row_mask, mm, mm_nt,
-                                                    mm_tn, row_dot, row_sum, wide)
+                                                    mm_tn, row_dot, row_sum, sym_mm, wide)
 
 _F32 = jnp.float32
 
@@ -76,16 +78,24 @@ def decay_matrix(G, chunk: int):
   return _gla_math.head_decay(G)
 
 
-def prepare(k, v, beta, G, dtype, *, blocked: bool = True):
-  """``(w, u, T)`` of one chunk (or a batch of chunks); ``blocked`` as in :func:`unit_lower_inverse`."""
+class Factors(typing.NamedTuple):
+  """The WY/UT factors of one chunk (or a batch of chunks): ``w`` ``(C, K)``, ``u`` ``(C, V)``, ``t`` = ``T``
+  ``(C, C)`` and ``keys`` = ``(k k^T) * D`` ``(C, C)``, which the backward reuses."""
+  w: typing.Any
+  u: typing.Any
+  t: typing.Any
+  keys: typing.Any
+
+
+def prepare(k, v, beta, G, dtype, *, blocked: bool = True) -> Factors:
+  """The :class:`Factors` of one chunk (or a batch of chunks); ``blocked`` as in :func:`unit_lower_inverse`."""
   chunk = k.shape[-2]
-  D = decay_matrix(G, chunk)
   beta = beta.astype(_F32)
-  a = jnp.where(causal_mask(chunk, strict=True), beta * mm_nt(k, k, dtype) * D, 0.0)
-  t = unit_lower_inverse(a, blocked=blocked)
+  keys = mm_nt(k, k, dtype) * decay_matrix(G, chunk)
+  t = unit_lower_inverse(jnp.where(causal_mask(chunk, strict=True), beta * keys, 0.0), blocked=blocked)
   w = mm(t, _gla_math.decayed(beta * k.astype(_F32), G), wide(dtype))
   u = mm(t, beta * v.astype(_F32), wide(dtype))
-  return w, u, t
+  return Factors(w, u, t, keys)
 
 
 def state_step(w, u, k_end, carry, state_VK, dtype):
@@ -101,10 +111,10 @@ def output(q, k, G, delta, state_VK, dtype):
 
 
 def state_grad_inputs(q, k, G, do, dtype):
-  """The parts of the reverse state pass that do not depend on the state: ``(((q k^T) * D)^T do,
-  do^T (q * exp(G)))`` (``do`` scaled)."""
+  """The parts of the reverse state pass that do not depend on the state: ``(scores, scores^T do,
+  do^T (q * exp(G)))`` with ``scores = (q k^T) * D`` (``do`` scaled)."""
   scores = mm_nt(q, k, dtype) * decay_matrix(G, q.shape[-2])
-  return mm_tn(scores, do, wide(dtype)), _gla_math.state_grad_write(q, G, do, dtype)
+  return scores, mm_tn(scores, do, wide(dtype)), _gla_math.state_grad_write(q, G, do, dtype)
 
 
 def state_grad_step(d_delta_intra, dstate_write, k_end, w, carry, dstate_VK, dtype):
@@ -113,37 +123,40 @@ def state_grad_step(d_delta_intra, dstate_write, k_end, w, carry, dstate_VK, dty
   return d_delta, _gla_math.advance(dstate_VK, carry, dstate_write) - mm_tn(d_delta, w, wide(dtype))
 
 
-def grads(q, k, v, beta, G, G_last, state_VK, delta, d_delta, dstate_VK, do, dtype, *, blocked: bool = True):
+def grads(q, k, v, beta, G, G_last, state_VK, delta, d_delta, dstate_VK, do, dtype, *, blocked: bool = True,
+          factors: Factors | None = None, scores=None):
   """``(dq, dk, dv, dbeta, dG)`` of one chunk (per query head; ``dG`` None without decay).
 
   ``state_VK``: the state entering the chunk; ``delta``/``d delta``: from the state passes; ``dstate_VK``: the
-  cotangent of the state leaving it; ``do`` scaled.
+  cotangent of the state leaving it; ``do`` scaled; ``factors`` (:func:`prepare`) and ``scores``
+  (``(q k^T) * D``, :func:`state_grad_inputs`) when the caller has them (else recomputed).
   """
   chunk = q.shape[-2]
   q32, k32, v32, beta = (x.astype(_F32) for x in (q, k, v, beta))
   D = decay_matrix(G, chunk)
-  w, u, t = prepare(k, v, beta, G, dtype, blocked=blocked)
-  qk, kk = mm_nt(q, k, dtype), mm_nt(k, k, dtype)
+  w_dtype = wide(dtype)
+  w, u, t, keys = prepare(k, v, beta, G, dtype, blocked=blocked) if factors is None else factors
+  if scores is None:
+    scores = mm_nt(q, k, dtype) * D
   strict = causal_mask(chunk, strict=True)
   # o = (q e^G) S^T + (qk D) delta;  S' = carry S + delta^T k_end
   dq_state = mm(do, state_VK, dtype)
-  w_dtype = wide(dtype)
-  d_qk = mm_nt(do, delta, w_dtype)  # cotangent of q k^T (before D)
+  d_qk = mm_nt(do, delta, w_dtype)  # cotangent of (q k^T) * D
+  d_scores = d_qk * D  # cotangent of q k^T
   dk_end = mm(delta, dstate_VK, w_dtype)
   # delta = u - w S^T;  w = T X_w, u = T X_u;  A = strict(beta kk D)
   dx_w = -mm_tn(t, mm(d_delta, state_VK, w_dtype), _F32)
   dx_u = mm_tn(t, d_delta, _F32)
   dA = -jnp.where(strict, mm_nt(dx_w, w, _F32) + mm_nt(dx_u, u, _F32), 0.0)
   d_kk = dA * beta * D
-  x_w_factor = _gla_math.decayed(beta, G)  # beta exp(G)
-  dq = _gla_math.decayed(dq_state, G) + mm(d_qk * D, k, w_dtype)
-  dk = (mm_tn(d_qk * D, q, w_dtype) + mm(d_kk, k, w_dtype) + mm_tn(d_kk, k, w_dtype) + x_w_factor * dx_w
+  dq = _gla_math.decayed(dq_state, G) + mm(d_scores, k, w_dtype)
+  dk = (mm_tn(d_scores, q, w_dtype) + sym_mm(d_kk, k, w_dtype) + _gla_math.decayed(beta, G) * dx_w
         + _gla_math.key_to_end(dk_end, G, G_last))
   dv = beta * dx_u
-  dbeta = row_dot(_gla_math.decayed(k32, G), dx_w) + row_dot(v32, dx_u) + row_dot(dA * D, kk)
+  dbeta = row_dot(_gla_math.decayed(k32, G), dx_w) + row_dot(v32, dx_u) + row_dot(dA, keys)
   if G is None:
     return dq, dk, dv, dbeta, None
-  d_pairs = (d_qk * qk + dA * beta * kk) * D  # d/dG_i - d/dG_j of D_ij
+  d_pairs = d_qk * scores + dA * beta * keys  # d/dG_i - d/dG_j of D_ij
   to_end = _gla_math.key_to_end(row_dot(k32, dk_end), G, G_last)
   d_carry = jnp.exp(G_last) * col_sum(row_dot(state_VK, dstate_VK))
   d_start = jnp.exp(G) * (row_dot(q32, dq_state) + beta * row_dot(k32, dx_w))
@@ -168,7 +181,7 @@ def _last_row(G_ref, base, chunk: int):
 def kernel_prepare(k_ref, v_ref, beta_ref, G_ref, w_ref, u_ref, *, chunk: int, dtype):
   """Writes ``w``, ``u`` of one chunk (the in-kernel masked-dot inverse)."""
   k, v, beta, G = _chunk((k_ref, v_ref, beta_ref, G_ref), 0, chunk)
-  w, u, _ = prepare(k, v, beta, G, dtype, blocked=False)
+  w, u, _, _ = prepare(k, v, beta, G, dtype, blocked=False)
   w_ref[...], u_ref[...] = w.astype(w_ref.dtype), u.astype(u_ref.dtype)
 
 
@@ -194,7 +207,7 @@ def kernel_state_grad_step(q_ref, k_ref, w_ref, G_ref, do_ref, d_delta_ref, base
   V tiles): writes its ``d delta`` rows, returns the cotangent of the state entering it."""
   q, k, w, G, do = _chunk((q_ref, k_ref, w_ref, G_ref, do_ref), base, chunk)
   G_last = _last_row(G_ref, base, chunk)
-  d_delta_intra, write = state_grad_inputs(q, k, G, scale * do.astype(_F32), dtype)
+  _, d_delta_intra, write = state_grad_inputs(q, k, G, scale * do.astype(_F32), dtype)
   d_delta, dstate = state_grad_step(d_delta_intra, write, _gla_math.key_to_end(k, G, G_last),
                                     w, _gla_math.carry(G_last), dstate_VK, dtype)
   d_delta_ref[pl.ds(base, chunk), :] = d_delta.astype(d_delta_ref.dtype)

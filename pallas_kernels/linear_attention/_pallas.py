@@ -274,6 +274,8 @@ def backend(platform: Platform, config: Config | None = None) -> _chunked.Backen
     return chunk_size, q.dtype, config or platform.default_config()
 
   return _chunked.Backend(
-      platform.name, gla=tuple(map(bind, (_gla_states, _gla_output, _gla_state_grads, _gla_grads))),
-      delta=tuple(map(bind, (_delta_prepare, _delta_states, _delta_output, _delta_state_grads, _delta_grads))),
+      platform.name, gla=_chunked.gla_from_passes(*map(bind, (_gla_states, _gla_output, _gla_state_grads,
+                                                                _gla_grads))),
+      delta=_chunked.delta_from_passes(*map(bind, (_delta_prepare, _delta_states, _delta_output, _delta_state_grads,
+                                                    _delta_grads))),
       plan=plan, pad_pow2=platform.pad_pow2)

@@ -57,6 +57,14 @@ def mm_tn(a, b, dtype):
   return _dot("...ki,...kj->...ij", a, b, dtype)
 
 
+def sym_mm(a, b, dtype):
+  """``(a + a^T) @ b`` for square ``a`` (float32): one dot on batched arrays, two inside a kernel (where this
+  module does not transpose)."""
+  if a.ndim == 2:
+    return mm(a, b, dtype) + mm_tn(a, b, dtype)
+  return mm(a + jnp.swapaxes(a, -1, -2), b, dtype)
+
+
 # Sums of products over one axis. On batched arrays (the ``xla`` backend) they run as dots: XLA:CPU executes a
 # fused multiply-and-reduce over an axis of a ``(..., C, K)`` array about 20x slower than the same contraction
 # as a batched dot. On the 2-D tiles of a kernel (where batched dots and 1-wide dots do not exist) they are

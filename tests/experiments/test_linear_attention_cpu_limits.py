@@ -19,7 +19,7 @@ def test_forced_forms_match_the_shipped_choice():
   value_and_grad = lambda: jax.jit(jax.value_and_grad(loss_fn("linear_attention", "xla")))(inputs)
   shipped = value_and_grad()
   for form in ("mild", "exact"):
-    with mock.patch.object(linear_xla, "_with_scores", limits._only(form)):  # pylint: disable=protected-access
+    with mock.patch.object(linear_xla, "_with_form", limits._only(form)):  # pylint: disable=protected-access
       forced = value_and_grad()
     for got, want in zip(jax.tree.leaves(forced), jax.tree.leaves(shipped)):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(want))), err_msg=form)
@@ -27,15 +27,15 @@ def test_forced_forms_match_the_shipped_choice():
 
 def test_markdown_rows():
   result = {"device": {"platform": "cpu", "cpu_model": "test", "cpu_count": 2, "jax": "0"}, "repeats": 3,
-            "notes": ["idle"], "dot_shapes": [(512, 64, 128, 128)], "dot_gflops": [29.5],
+            "notes": ["idle"], "dot_shapes": [(512, 64, 128, 128)], "dots": [dict(gflops=29.5, fresh_mib=32.0)],
             "forms": {"H2_D32": {"mild form alone": [6.8, 6.4]}},
             "chunks": {"H2_D32": {"delta_rule": {"32": [14.1, 14.4], "64": [17.6, 18.0]}}},
-            "groups": {"H8_D128": {"delta_rule": {"all chunks at once": [
+            "groups": {"H8_D128": {"delta_rule": {"one group": [
                 dict(ms=520.0, fresh_mib=480.0, sys_s=0.29, user_s=0.45),
                 dict(ms=530.0, fresh_mib=470.0, sys_s=0.3, user_s=0.44)]}}}}
   text = limits.render(result)
-  assert "| 512 | 64 x 128 x 128 | 29.5 |" in text and "| H2_D32 | mild form alone | 6.8 / 6.4 |" in text
+  assert "| 512 | 64 x 128 x 128 | 29.5 | 32 |" in text and "| H2_D32 | mild form alone | 6.8 / 6.4 |" in text
   assert "| H2_D32 | delta_rule | 32 | 14.1 / 14.4 |" in text
-  row = "| H8_D128 | delta_rule | all chunks at once | 520.0 / 530.0 | 480 / 470 | 0.290 / 0.300 | 0.450 / 0.440 |"
+  row = "| H8_D128 | delta_rule | one group | 520.0 / 530.0 | 480 / 470 | 0.290 / 0.300 | 0.450 / 0.440 |"
   assert row in text
   assert "- Note: idle" in text

@@ -63,14 +63,17 @@ def test_all_minus_inf_decay_is_finite_and_equals_reference(op):
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=16), want, **F32)
 
 
+@pytest.mark.parametrize("group_chunks", (1, 4))
 @pytest.mark.parametrize("decay,delta", (("mild", False), ("channel", False), ("head", False), ("head", True)))
-def test_chunk_groups_match_reference(decay, delta, monkeypatch):
-  """The chunk-parallel passes of ``xla`` run group by group past a size; forced down to groups of 4 chunks
-  (cut to 3, to divide the 6 chunks) and of 2 for the exact per-channel form, they still match."""
+def test_chunk_groups_match_reference(decay, delta, group_chunks, monkeypatch):
+  """On a CPU ``xla`` runs each half of an op as a loop over groups of chunks, the state carried from group to
+  group (in reverse for the backward); forced down to groups of 1 chunk or of 4 (cut to 3, to divide the 6
+  chunks), and of 2 for the exact per-channel form, it still matches."""
   from pallas_kernels.linear_attention import xla as linear_xla  # pylint: disable=import-outside-toplevel
   args = helpers.inputs(11, batch=2, seq=90, heads=4, kv_heads=2, decay=decay, delta=delta)
   query_chunk_bytes = 4 * 2 * 4 * 16 * 8  # float32 (batch, heads, chunk, key_dim)
-  monkeypatch.setattr(linear_xla, "GROUP_BYTES", 4 * query_chunk_bytes)
+  monkeypatch.setattr(linear_xla, "WHOLE_BYTES", 0)
+  monkeypatch.setattr(linear_xla, "GROUP_BYTES", group_chunks * query_chunk_bytes)
   monkeypatch.setattr(linear_xla, "EXACT_GROUP_BYTES", 2 * query_chunk_bytes)
   want = helpers.outputs_and_grads("reference", args, chunk_size=16)
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=16), want, **F32)

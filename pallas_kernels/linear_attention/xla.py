@@ -53,24 +53,29 @@ class Options(typing.NamedTuple):
   states_dtype: typing.Any = _F32
 
 
-def _grouped(x, kv_heads: int, chunk: int):
-  """``(B, heads, T, D)`` -> ``(N, B, KV, heads / KV, C, D)``: chunk-major, so a group of chunks is a slice of
-  the leading axis and every dot batches over the leading axes."""
-  if x is None:
-    return None
-  batch, heads, seq, dim = x.shape
-  return jnp.moveaxis(x.reshape(batch, kv_heads, heads // kv_heads, seq // chunk, chunk, dim), 3, 0)
+def _swap(x):
+  """``(B, heads, T, D)`` <-> ``(B, T, heads, D)``. The wrapper's arrays are transposes of the caller's
+  ``(B, T, heads, D)`` ones, so the two transposes cancel: XLA reads the inputs and writes the results in the
+  caller's layout, group by group (:func:`_over_groups`)."""
+  return None if x is None else jnp.swapaxes(x, 1, 2)
+
+
+def _to_chunks(x, kv_heads: int, chunk: int):
+  """``(B, R, heads, D)`` -> ``(R / C, B, KV, heads / KV, C, D)``: chunk-major, every dot batching over the
+  leading axes and a key/value head broadcasting over its group of query heads (size-1 axis)."""
+  batch, rows, heads, dim = x.shape
+  return jnp.transpose(x.reshape(batch, rows // chunk, chunk, kv_heads, heads // kv_heads, dim), (1, 0, 3, 4, 2, 5))
+
+
+def _from_chunks(x):
+  """Inverse of :func:`_to_chunks`: ``(n, B, KV, g, C, D)`` -> ``(B, n * C, KV * g, D)``."""
+  n, batch, kv, group, chunk, dim = x.shape
+  return jnp.transpose(x, (1, 0, 4, 2, 3, 5)).reshape(batch, n * chunk, kv * group, dim)
 
 
 def _grouped_states(s, kv_heads: int):
   """``(B, H, V, K)`` -> ``(B, KV, group, V, K)``."""
   return s.reshape(s.shape[0], kv_heads, s.shape[1] // kv_heads, *s.shape[2:])
-
-
-def _flat(x):
-  """Inverse of :func:`_grouped`: ``(N, B, KV, g, C, D)`` -> ``(B, KV * g, T, D)``."""
-  n, batch, kv, group, chunk, dim = x.shape
-  return jnp.moveaxis(x, 0, 3).reshape(batch, kv * group, n * chunk, dim)
 
 
 def _flat_states(s):
@@ -88,33 +93,46 @@ def _last(G):
   return None if G is None else G[..., -1:, :]
 
 
-def _over_groups(body, carry, chunks, group_bytes: int | None, *, reverse: bool = False):
-  """``(carry, ys)`` of ``body(carry, group) -> (carry, ys_group)`` run on consecutive groups of chunks, in order
-  (``reverse``: from the last), ``group`` the slices of ``chunks`` (chunk-major arrays, leading axis the chunks;
-  None allowed) and ``ys`` the groups' results written into whole arrays.
+def _over_groups(body, carry, tokens, chunks, plan, group_bytes: int | None, *, kv_heads: int,
+                 reverse: bool = False):
+  """``(carry, (token_ys, chunk_ys))`` of ``body(carry, token_xs, chunk_xs) -> (carry, (token_ys, chunk_ys))``
+  run on consecutive groups of chunks, in order (``reverse``: from the last).
 
-  A group holds about ``group_bytes`` of ``chunks[0]`` (all chunks when None), as many chunks as divide the
-  chunk count, at least one. A ``fori_loop`` slices each group out of the whole arrays and writes its results in
-  place, so a group's temporaries are reused by the next (the module docstring says why that matters on a CPU).
+  ``tokens``: ``(B, T, heads, D)`` arrays (None allowed), given to ``body`` chunk-major (:func:`_to_chunks`);
+  ``chunks``: arrays with one entry per chunk on their leading axis. ``body``'s results come back as whole
+  arrays of the same two kinds. A group holds about ``group_bytes`` of ``tokens[0]`` (all chunks when None), as
+  many chunks as divide the chunk count, at least one. A ``fori_loop`` slices each group out of the whole
+  arrays and writes its results in place: a group's temporaries are reused by the next, and only a group's rows
+  are ever in the chunk-major layout (the module docstring says why both matter on a CPU).
   """
-  n = chunks[0].shape[0]
-  group = n if group_bytes is None else max(1, group_bytes // (4 * math.prod(chunks[0].shape[1:])))
+  seq = tokens[0].shape[1]
+  n = seq // plan.chunk
+  group = n if group_bytes is None else max(1, group_bytes * n // (4 * tokens[0].size))
   group = min(group, n)
   while n % group:
     group -= 1
+  grouped = lambda xs: jax.tree.map(lambda x: _to_chunks(x, kv_heads, plan.chunk), xs)
   if group == n:
-    return body(carry, chunks)
-  steps = n // group
-  take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * group, group, 0), chunks)
-  shapes = jax.eval_shape(body, carry, take(0))[1]
+    carry, (token_ys, chunk_ys) = body(carry, grouped(tokens), chunks)
+    return carry, (jax.tree.map(_from_chunks, token_ys), chunk_ys)
+  steps, size = n // group, group * plan.chunk
+  take = lambda i: (grouped(jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size, 1), tokens)),
+                    jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * group, group, 0), chunks))
+  token_shapes, chunk_shapes = jax.eval_shape(body, carry, *take(0))[1]
 
   def step(j, state):
     i = steps - 1 - j if reverse else j
-    carry, ys = body(state[0], take(i))
-    return carry, jax.tree.map(lambda out, y: jax.lax.dynamic_update_slice_in_dim(out, y, i * group, 0), state[1], ys)
+    carry, (token_ys, chunk_ys) = body(state[0], *take(i))
+    token_out, chunk_out = state[1]
+    return carry, (jax.tree.map(lambda out, y: jax.lax.dynamic_update_slice_in_dim(out, _from_chunks(y), i * size, 1),
+                                token_out, token_ys),
+                   jax.tree.map(lambda out, y: jax.lax.dynamic_update_slice_in_dim(out, y, i * group, 0),
+                                chunk_out, chunk_ys))
 
-  ys = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype), shapes)
-  return jax.lax.fori_loop(0, steps, step, (carry, ys))
+  token_out = jax.tree.map(lambda s: jnp.zeros((s.shape[1], seq, s.shape[2] * s.shape[3], s.shape[5]), s.dtype),
+                           token_shapes)
+  chunk_out = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype), chunk_shapes)
+  return jax.lax.fori_loop(0, steps, step, (carry, (token_out, chunk_out)))
 
 
 def _recurrence(state, carry, write, *, reverse: bool = False):
@@ -134,7 +152,7 @@ def _scores(plan, form: str):
 
 
 def _with_form(plan, G, run):
-  """``run(form, group_bytes)`` for the decay form of ``plan`` (:func:`_scores`).
+  """``run(form, group_bytes)`` for the decay form of ``plan`` (:func:`_scores`); ``G`` ``(B, T, H, K')``.
 
   A per-key-channel decay takes the "mild" form when :func:`._gla_math.is_mild` holds, else "exact": one
   ``lax.cond`` around the whole loop, so each branch compiles as one fused program. A ``cond`` needs the
@@ -142,7 +160,8 @@ def _with_form(plan, G, run):
   smaller (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
   if plan.decay != "channel":
     return run("head", plan.options.group_bytes)
-  return jax.lax.cond(_gla_math.is_mild(G), lambda: run("mild", plan.options.group_bytes),
+  mild = _gla_math.is_mild(G.reshape(G.shape[0], -1, plan.chunk, G.shape[2] * G.shape[3]))
+  return jax.lax.cond(mild, lambda: run("mild", plan.options.group_bytes),
                       lambda: run("exact", plan.options.exact_group_bytes))
 
 
@@ -151,37 +170,39 @@ def _with_form(plan, G, run):
 
 def _gla_forward(q, k, v, G, h0, plan):
   kv = k.shape[1]
-  chunks = tuple(_grouped(x, kv, plan.chunk) for x in (q, k, v, G))
+  tokens = tuple(map(_swap, (q, k, v, G)))
 
   def run(form, group_bytes):
     scores = _scores(plan, form)
 
-    def body(state, xs):
+    def body(state, xs, _):
       q, k, v, G = xs
       write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
       state, states = _recurrence(state, _gla_math.carry(_last(G)), write)
       states = states.astype(plan.options.states_dtype)
       o = _gla_math.inter_output(q, G, states, plan.dtype) + scores(q, k, G).apply(v)
-      return state, (plan.scale * o, states)
+      return state, ((plan.scale * o,), (states,))
 
-    final, (o, states) = _over_groups(body, _grouped_states(h0, kv), chunks, group_bytes)
-    return (_flat(o), _flat_states(final)), states
+    final, ((o,), (states,)) = _over_groups(body, _grouped_states(h0, kv), tokens, (), plan, group_bytes,
+                                            kv_heads=kv)
+    return (_swap(o), _flat_states(final)), states
 
-  outputs, states = _with_form(plan, chunks[3], run)
-  return outputs, (chunks, states)
+  outputs, states = _with_form(plan, tokens[3], run)
+  return outputs, ((q, k, v, G), states)
 
 
 def _gla_backward(residuals, cotangents, plan):
   (q, k, v, G), states = residuals
   do, dh_final = cotangents
-  kv = k.shape[2]
-  do = plan.scale * _grouped(do, kv, plan.chunk).astype(_F32)
+  kv = k.shape[1]
+  tokens = tuple(map(_swap, (q, k, v, G, do)))
 
   def run(form, group_bytes):
     scores = _scores(plan, form)
 
-    def body(dstate, xs):
-      q, k, v, G, h, do = xs
+    def body(dstate, xs, chunk_xs):
+      (q, k, v, G, do), (h,) = xs, chunk_xs
+      do = plan.scale * do.astype(_F32)
       write = _gla_math.state_grad_write(q, G, do, plan.dtype)
       dstate, dS = _recurrence(dstate, _gla_math.carry(_last(G)), write, reverse=True)
       dq_a, dk_a, dv_a = scores(q, k, G).backward(do, v)
@@ -189,13 +210,13 @@ def _gla_backward(residuals, cotangents, plan):
       dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
       d_last = None if G is None else d_keys + _gla_math.carry_grad(_last(G), h, dS)
       dG = _gla_math.gate_grad(q, k, dq, dk, G, d_last)
-      return dstate, (dq, _sum_to(dk, k), _sum_to(dv, v), dG)
+      return dstate, ((dq, _sum_to(dk, k), _sum_to(dv, v), dG), ())
 
-    dh0, grads = _over_groups(body, _grouped_states(dh_final, kv), (q, k, v, G, states, do),
-                              group_bytes, reverse=True)
-    return (*(None if x is None else _flat(x) for x in grads), _flat_states(dh0))
+    dh0, (grads, _) = _over_groups(body, _grouped_states(dh_final, kv), tokens, (states,), plan, group_bytes,
+                                   kv_heads=kv, reverse=True)
+    return (*map(_swap, grads), _flat_states(dh0))
 
-  return _with_form(plan, G, run)
+  return _with_form(plan, tokens[3], run)
 
 
 # ---- gated delta rule -----------------------------------------------------------------------------------------
@@ -203,9 +224,8 @@ def _gla_backward(residuals, cotangents, plan):
 
 def _delta_forward(q, k, v, beta, G, h0, plan):
   kv = k.shape[1]
-  chunks = tuple(_grouped(x, kv, plan.chunk) for x in (q, k, v, beta, G))
 
-  def body(state, xs):
+  def body(state, xs, _):
     q, k, v, beta, G = xs
     factors = _delta_math.prepare(k, v, beta, G, plan.dtype)
 
@@ -216,20 +236,21 @@ def _delta_forward(q, k, v, beta, G, h0, plan):
     k_end = _gla_math.key_to_end(k, G, _last(G))
     state, (states, delta) = jax.lax.scan(step, state, (factors.w, factors.u, k_end, _gla_math.carry(_last(G))))
     states = states.astype(plan.options.states_dtype)
-    return state, (plan.scale * _delta_math.output(q, k, G, delta, states, plan.dtype), states, delta)
+    return state, ((plan.scale * _delta_math.output(q, k, G, delta, states, plan.dtype),), (states, delta))
 
-  final, (o, states, delta) = _over_groups(body, _grouped_states(h0, kv), chunks, plan.options.group_bytes)
-  return (_flat(o), _flat_states(final)), (chunks, states, delta)
+  final, ((o,), (states, delta)) = _over_groups(body, _grouped_states(h0, kv), tuple(map(_swap, (q, k, v, beta, G))),
+                                                (), plan, plan.options.group_bytes, kv_heads=kv)
+  return (_swap(o), _flat_states(final)), ((q, k, v, beta, G), states, delta)
 
 
 def _delta_backward(residuals, cotangents, plan):
   (q, k, v, beta, G), states, delta = residuals
   do, dh_final = cotangents
-  kv = k.shape[2]
-  do = plan.scale * _grouped(do, kv, plan.chunk).astype(_F32)
+  kv = k.shape[1]
 
-  def body(dstate, xs):
-    q, k, v, beta, G, h, delta, do = xs
+  def body(dstate, xs, chunk_xs):
+    (q, k, v, beta, G, do), (h, delta) = xs, chunk_xs
+    do = plan.scale * do.astype(_F32)
     factors = _delta_math.prepare(k, v, beta, G, plan.dtype)
     scores, d_delta_intra, write = _delta_math.state_grad_inputs(q, k, G, do, plan.dtype)
 
@@ -242,11 +263,11 @@ def _delta_backward(residuals, cotangents, plan):
                                                         _gla_math.carry(_last(G))), reverse=True)
     dq, dk, dv, dbeta, dG = _delta_math.grads(q, k, v, beta, G, _last(G), h, delta, d_delta, dS, do, plan.dtype,
                                               factors=factors, scores=scores)
-    return dstate, (dq, _sum_to(dk, k), _sum_to(dv, v), _sum_to(dbeta, beta), dG)
+    return dstate, ((dq, _sum_to(dk, k), _sum_to(dv, v), _sum_to(dbeta, beta), dG), ())
 
-  dh0, grads = _over_groups(body, _grouped_states(dh_final, kv), (q, k, v, beta, G, states, delta, do),
-                            plan.options.group_bytes, reverse=True)
-  return (*(None if x is None else _flat(x) for x in grads), _flat_states(dh0))
+  dh0, (grads, _) = _over_groups(body, _grouped_states(dh_final, kv), tuple(map(_swap, (q, k, v, beta, G, do))),
+                                 (states, delta), plan, plan.options.group_bytes, kv_heads=kv, reverse=True)
+  return (*map(_swap, grads), _flat_states(dh0))
 
 
 @functools.lru_cache(maxsize=None)

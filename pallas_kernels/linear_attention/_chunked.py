@@ -81,12 +81,16 @@ class Plan:
     decay: "none", "head" or "channel" (the form of ``G``).
     dtype: compute dtype of the dots (see :mod:`._tiles`).
     options: backend-specific settings (tile sizes, warps, stages), hashable.
+    step_decays: ``G`` holds the per-step log decays, which the backend sums within chunks itself (and its
+      backward returns their cotangent): set for a per-key-channel decay when the backend
+      :attr:`~Backend.sums_channel_decays`.
   """
   chunk: int
   scale: float
   decay: str
   dtype: Any
   options: Any = None
+  step_decays: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +117,15 @@ class Backend:
     plan: ``(q, chunk) -> (chunk, dtype, options)``: the chunk, compute dtype and options for these inputs
       (may raise ``NotImplementedError``).
     pad_pow2: pad K and V to powers of two (>= 16), as Triton's dots need.
+    sums_channel_decays: for a per-key-channel decay the ops take the per-step log decays in place of ``G``
+      and sum them within chunks themselves (:attr:`Plan.step_decays`).
   """
   name: str
   gla: Op
   delta: Op
   plan: Callable
   pad_pow2: bool = False
+  sums_channel_decays: bool = False
 
 
 def gla_from_passes(states, output, state_grads, grads) -> Op:
@@ -200,8 +207,9 @@ def _segment_starts(segment_ids):
   return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
 
 
-def _cumulative_log_decay(log_decay, segment_ids, shape_BTH, chunk: int, padded: int):
-  """``G`` ``(B, H, T_padded, K')`` float32 (module docstring), or ``None``."""
+def _log_decays(log_decay, segment_ids, shape_BTH, chunk: int, padded: int, *, cumulative: bool):
+  """``(B, H, T_padded, K')`` float32 log decays (module docstring), or ``None``: ``G``, summed within each chunk,
+  when ``cumulative``, else per step (:attr:`Plan.step_decays`)."""
   if log_decay is None and segment_ids is None:
     return None
   batch, seq, heads = shape_BTH
@@ -210,13 +218,20 @@ def _cumulative_log_decay(log_decay, segment_ids, shape_BTH, chunk: int, padded:
   if segment_ids is not None:
     g = jnp.where(_segment_starts(segment_ids)[:, :, None, None], MIN_LOG_DECAY, g)
   width = g.shape[-1]
-  g = jnp.pad(g, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).reshape(batch, padded // chunk, chunk, heads * width)
-  # The within-chunk cumsum as one batched matmul with a lower-triangular matrix of ones, in the inputs' layout
-  # (rows of a chunk contracted, heads and channels as columns): XLA CPU's cumsum is slow, and a matmul whose
-  # chunk rows are not the leading free axis leaves its output transposed for every consumer.
-  inclusive = jnp.broadcast_to(jnp.tril(jnp.ones((chunk, chunk), jnp.float32)), (*g.shape[:2], chunk, chunk))
-  G = jnp.einsum("bnij,bnjx->bnix", inclusive, g, precision=jax.lax.Precision.HIGHEST)
-  return jnp.swapaxes(G.reshape(batch, padded, heads, width), 1, 2)
+  g = jnp.pad(g, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+  if cumulative:
+    g = within_chunk_cumsum(g.reshape(batch, padded // chunk, chunk, heads * width))
+  return jnp.swapaxes(g.reshape(batch, padded, heads, width), 1, 2)
+
+
+def within_chunk_cumsum(g, *, reverse: bool = False):
+  """The inclusive cumulative sum of ``g`` ``(..., C, X)`` over its chunk rows (``reverse``: from the last row,
+  the transpose), as one batched matmul with a triangular matrix of ones: XLA CPU's cumsum is slow, and with the
+  chunk rows contracted and the rest as columns the result needs no transpose."""
+  chunk = g.shape[-2]
+  ones = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))
+  ones = jnp.broadcast_to(ones.T if reverse else ones, (*g.shape[:-2], chunk, chunk))
+  return jnp.einsum("...ij,...jx->...ix", ones, g, precision=jax.lax.Precision.HIGHEST)
 
 
 class _Layout:
@@ -258,8 +273,9 @@ def linear_attention(backend: Backend, q, k, v, log_decay, *, scale, initial_sta
   plan = _plan(backend, q, log_decay, scale, chunk_size)
   if plan.decay == "none" and segment_ids is not None:
     plan = dataclasses.replace(plan, decay="head")
+  plan = dataclasses.replace(plan, step_decays=backend.sums_channel_decays and plan.decay == "channel")
   layout = _Layout(backend, plan.chunk, q, v)
-  G = _cumulative_log_decay(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded)
+  G = _log_decays(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded, cumulative=not plan.step_decays)
   if G is not None and plan.decay == "channel" and layout.kp != layout.key_dim:
     G = jnp.pad(G, ((0, 0), (0, 0), (0, 0), (0, layout.kp - layout.key_dim)))
   inputs = (layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp), G)
@@ -275,7 +291,7 @@ def delta_rule(backend: Backend, q, k, v, beta, log_decay, *, scale, initial_sta
   if segment_ids is not None:
     plan = dataclasses.replace(plan, decay="head")
   layout = _Layout(backend, plan.chunk, q, v)
-  G = _cumulative_log_decay(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded)
+  G = _log_decays(log_decay, segment_ids, q.shape[:3], plan.chunk, layout.padded, cumulative=True)
   inputs = (layout.rows(q, layout.kp), layout.rows(k, layout.kp), layout.rows(v, layout.vp),
             layout.rows(beta[..., None]), G)
   o, s = _run(backend.delta, plan, _dtypes(*inputs), *inputs, layout.state_in(initial_state))

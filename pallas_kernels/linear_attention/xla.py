@@ -89,6 +89,15 @@ def _sum_to(x, like):
   return jnp.sum(x, axis=3, keepdims=True) if like.shape[3] == 1 and x.shape[3] != 1 else x
 
 
+def _summed(g, plan, *, reverse: bool = False):
+  """A group's ``G`` from what the op was given: the per-step log decays when ``plan.step_decays`` (a
+  per-key-channel decay), summed here, else ``G`` itself; with ``reverse``, the cotangent of what the op was
+  given from that of ``G``. Summed group by group, the whole-sequence per-channel ``G`` and its cotangent are
+  never written (16 MiB each at H=8, K=V=128, T=4096); a per-head ``G`` is small, and summing it here cost
+  more than it saved."""
+  return _chunked.within_chunk_cumsum(g, reverse=reverse) if plan.step_decays and g is not None else g
+
+
 def _last(G):
   return None if G is None else G[..., -1:, :]
 
@@ -151,8 +160,9 @@ def _scores(plan, form: str):
           "exact": lambda q, k, G: _gla_math.SecondaryChunkScores(q, k, G, plan.dtype, SUB_CHUNK)}[form]
 
 
-def _with_form(plan, G, run):
-  """``run(form, group_bytes)`` for the decay form of ``plan`` (:func:`_scores`); ``G`` ``(B, T, H, K')``.
+def _with_form(plan, g, run):
+  """``run(form, group_bytes)`` for the decay form of ``plan`` (:func:`_scores`); ``g`` the per-step log decays
+  ``(B, T, H, K')``.
 
   A per-key-channel decay takes the "mild" form when :func:`._gla_math.is_mild` holds, else "exact": one
   ``lax.cond`` around the whole loop, so each branch compiles as one fused program. A ``cond`` needs the
@@ -160,7 +170,7 @@ def _with_form(plan, G, run):
   smaller (``docs/linear_attention_kernels.md``, "Fresh memory: what the choice cost, and chunk groups")."""
   if plan.decay != "channel":
     return run("head", plan.options.group_bytes)
-  mild = _gla_math.is_mild(G.reshape(G.shape[0], -1, plan.chunk, G.shape[2] * G.shape[3]))
+  mild = _gla_math.is_mild(g.reshape(g.shape[0], -1, plan.chunk, g.shape[2] * g.shape[3]))
   return jax.lax.cond(mild, lambda: run("mild", plan.options.group_bytes),
                       lambda: run("exact", plan.options.exact_group_bytes))
 
@@ -168,15 +178,16 @@ def _with_form(plan, G, run):
 # ---- gated linear attention ----------------------------------------------------------------------------------
 
 
-def _gla_forward(q, k, v, G, h0, plan):
+def _gla_forward(q, k, v, g, h0, plan):
   kv = k.shape[1]
-  tokens = tuple(map(_swap, (q, k, v, G)))
+  tokens = tuple(map(_swap, (q, k, v, g)))
 
   def run(form, group_bytes):
     scores = _scores(plan, form)
 
     def body(state, xs, _):
-      q, k, v, G = xs
+      q, k, v, g = xs
+      G = _summed(g, plan)
       write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
       state, states = _recurrence(state, _gla_math.carry(_last(G)), write)
       states = states.astype(plan.options.states_dtype)
@@ -188,21 +199,21 @@ def _gla_forward(q, k, v, G, h0, plan):
     return (_swap(o), _flat_states(final)), states
 
   outputs, states = _with_form(plan, tokens[3], run)
-  return outputs, ((q, k, v, G), states)
+  return outputs, ((q, k, v, g), states)
 
 
 def _gla_backward(residuals, cotangents, plan):
-  (q, k, v, G), states = residuals
+  (q, k, v, g), states = residuals
   do, dh_final = cotangents
   kv = k.shape[1]
-  tokens = tuple(map(_swap, (q, k, v, G, do)))
+  tokens = tuple(map(_swap, (q, k, v, g, do)))
 
   def run(form, group_bytes):
     scores = _scores(plan, form)
 
     def body(dstate, xs, chunk_xs):
-      (q, k, v, G, do), (h,) = xs, chunk_xs
-      do = plan.scale * do.astype(_F32)
+      (q, k, v, g, do), (h,) = xs, chunk_xs
+      G, do = _summed(g, plan), plan.scale * do.astype(_F32)
       write = _gla_math.state_grad_write(q, G, do, plan.dtype)
       dstate, dS = _recurrence(dstate, _gla_math.carry(_last(G)), write, reverse=True)
       dq_a, dk_a, dv_a = scores(q, k, G).backward(do, v)
@@ -210,7 +221,7 @@ def _gla_backward(residuals, cotangents, plan):
       dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
       d_last = None if G is None else d_keys + _gla_math.carry_grad(_last(G), h, dS)
       dG = _gla_math.gate_grad(q, k, dq, dk, G, d_last)
-      return dstate, ((dq, _sum_to(dk, k), _sum_to(dv, v), dG), ())
+      return dstate, ((dq, _sum_to(dk, k), _sum_to(dv, v), _summed(dG, plan, reverse=True)), ())
 
     dh0, (grads, _) = _over_groups(body, _grouped_states(dh_final, kv), tokens, (states,), plan, group_bytes,
                                    kv_heads=kv, reverse=True)
@@ -282,7 +293,8 @@ def backend(states_dtype: str = "float32") -> _chunked.Backend:
     return chunk_size, _F32, Options(group_bytes, EXACT_GROUP_BYTES, jnp.dtype(states_dtype))
 
   return _chunked.Backend("xla", gla=_chunked.Op(_gla_forward, _gla_backward),
-                          delta=_chunked.Op(_delta_forward, _delta_backward), plan=plan)
+                          delta=_chunked.Op(_delta_forward, _delta_backward), plan=plan,
+                          sums_channel_decays=True)
 
 
 BACKEND = backend()

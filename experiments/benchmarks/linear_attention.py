@@ -240,7 +240,7 @@ def to_markdown(result: dict[str, object]) -> str:
   """A table per (case, setting): rows T, columns fwd / fwd+bwd ms / memory MiB per implementation; the
   ratio runs; the memory growth exponent per implementation."""
   info = result["device"]
-  lines = [f"# Linear-attention benchmark\n",
+  lines = ["# Linear-attention benchmark\n",
            f"Device: platform `{info['platform']}`, device_kind `{info['device_kind']}`, CPU "
            f"`{info.get('cpu_model', 'unknown')}`, {info['num_devices']} device(s), {info['cpu_count']} CPU "
            f"cores, jax {info['jax']}. "

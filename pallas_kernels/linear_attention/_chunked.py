@@ -1,7 +1,9 @@
 """The one wrapper around every chunked backend (``xla``, ``parallel``, ``pallas_tpu``, ``pallas_triton``):
-layout, padding, decays, dtypes and ``jax.custom_vjp``; a backend only supplies its passes.
+layout, padding, decays, dtypes and ``jax.custom_vjp``; a backend supplies one :class:`Op` (forward, backward)
+per op.
 
-Both ops run as passes over chunks of ``C`` steps (flash-linear-attention's ``chunk_*`` structure):
+Both ops run over chunks of ``C`` steps (flash-linear-attention's ``chunk_*`` structure). The Pallas backends
+build their ops from passes (:func:`gla_from_passes`, :func:`delta_from_passes`):
 
 * gated linear attention (GLA arXiv 2312.06635 §4) — forward: ``states`` (sequential over chunks, writes the
   state entering every chunk), ``output`` (parallel over chunks); backward: ``state_grads`` (sequential, in
@@ -10,22 +12,24 @@ Both ops run as passes over chunks of ``C`` steps (flash-linear-attention's ``ch
   ``w``, ``u``), ``states`` (sequential: states and the corrected values ``delta``), ``output``; backward:
   ``state_grads`` (sequential, reverse: state cotangents and ``d delta``), ``grads`` (parallel).
 
-Arrays given to the passes ("kernel layout"): ``q`` ``(B, H, T, K)``; ``k``, ``v`` ``(B, KV, T, *)`` with ``KV``
+``xla`` runs the same chunk math as one loop over groups of chunks per half (:mod:`.xla`).
+
+Arrays given to the ops ("kernel layout"): ``q`` ``(B, H, T, K)``; ``k``, ``v`` ``(B, KV, T, *)`` with ``KV``
 dividing ``H`` (GQA: a key/value head serves ``H / KV`` consecutive query heads and is never repeated); ``G``
 ``(B, H, T, K')`` float32, the within-chunk inclusive cumulative log decay (``K' = K`` per key channel, ``1`` per
-head; ``None`` when there is no decay and no segments); ``beta`` ``(B, H|KV, T, 1)``; states value-major
-``(B, H, V, K)`` float32, ``(B, H, N, V, K)`` per chunk (intermediates that only pass between a backend's own
-passes, such as the chunk states, ``w`` or ``delta``, may use the backend's layout instead: the wrapper never
-reads them). ``T`` is padded to a multiple of ``C`` (zero inputs and
-zero log decay: the outputs and the final state are unchanged), and ``K``/``V`` to powers of two when the
-backend needs it.
+head; ``None`` when there is no decay and no segments; the per-step log decays instead when
+:attr:`Plan.step_decays`); ``beta`` ``(B, H|KV, T, 1)``; states value-major ``(B, H, V, K)`` float32,
+``(B, H, N, V, K)`` per chunk (intermediates that only pass between a backend's own passes, such as the chunk
+states, ``w`` or ``delta``, may use the backend's layout instead: the wrapper never reads them). ``T`` is padded
+to a multiple of ``C`` (zero inputs and zero log decay: the outputs and the final state are unchanged), and
+``K``/``V`` to powers of two when the backend needs it.
 
 Decays: log decays are clamped at :data:`._tiles.MIN_LOG_DECAY` (-30: ``exp(-30) ~ 9e-14``, below float32
 resolution, so ``-inf`` empties the state to working precision and no ``-inf - -inf`` arises), and packed
 sequences (``segment_ids``) become that log decay at each sequence start, which empties the state the same
-way. The cumulative sum and these edits are plain
-JAX outside the ``custom_vjp``, so the gradient of the per-step log decays is autodiff's reverse cumsum of the
-passes' ``dG``.
+way. The cumulative sum and these edits are plain JAX outside the ``custom_vjp``, so the gradient of the
+per-step log decays is autodiff's reverse cumsum of the ops' ``dG`` (with :attr:`Plan.step_decays` the op sums
+and returns the per-step cotangent itself).
 """
 
 from __future__ import annotations

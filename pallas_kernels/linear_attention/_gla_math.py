@@ -34,7 +34,6 @@ as flash-linear-attention does.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 

@@ -195,10 +195,10 @@ def _gla_forward(q, k, v, g, h0, plan):
 
     final, ((o,), (states,)) = _over_groups(body, _grouped_states(h0, kv), tokens, (), plan, group_bytes,
                                             kv_heads=kv)
-    return (_swap(o), _flat_states(final)), states
+    return o, _flat_states(final), states
 
-  outputs, states = _with_form(plan, tokens[3], run)
-  return outputs, ((q, k, v, g), states)
+  o, final, states = _with_form(plan, tokens[3], run)  # swapped outside the cond, where the wrapper's cancels
+  return (_swap(o), final), ((q, k, v, g), states)
 
 
 def _gla_backward(residuals, cotangents, plan):
@@ -224,9 +224,10 @@ def _gla_backward(residuals, cotangents, plan):
 
     dh0, (grads, _) = _over_groups(body, _grouped_states(dh_final, kv), tokens, (states,), plan, group_bytes,
                                    kv_heads=kv, reverse=True)
-    return (*map(_swap, grads), _flat_states(dh0))
+    return grads, _flat_states(dh0)
 
-  return _with_form(plan, tokens[3], run)
+  grads, dh0 = _with_form(plan, tokens[3], run)
+  return (*map(_swap, grads), dh0)
 
 
 # ---- gated delta rule -----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Array helpers of the chunk-math modules (:mod:`._gla_math`, :mod:`._delta_math`).
 
 Every helper is valid on two kinds of operand: batched arrays ``(..., rows, cols)`` (the ``xla`` backend runs
-the chunk math on all chunks at once; a leading axis of size 1 broadcasts, which is how a key/value head is
+the chunk math on a group of chunks at once; a leading axis of size 1 broadcasts, which is how a key/value head is
 shared by its group of query heads without a copy) and plain 2-D tiles inside a Pallas kernel (Mosaic or
 Triton): contractions are ``dot_general``s with explicit contracting dimensions (no transposes), masks come
 from 2-D iotas, and nothing slices or reshapes a value.

@@ -19,9 +19,9 @@ H = 8, K = V = 128 (fla's benchmark shape) and H = 2, K = V = 32 (a Zoology-size
   settings); each ratio is computed within one run. ``--ratio-only`` skips the sweep.
 * Throughput: ``xla``'s fwd+bwd GFLOP/s in the ratio runs, counting the chunked form's four matmuls at the
   default chunk ``C`` (64; 32 at K = V = 32) (``2 C (K + V) + 4 K V`` FLOPs per token and head forward: scores
-  and intra-chunk outputs, the state's read and its update) and 3x that for fwd+bwd, against a dense float32 matmul peak measured in the
-  same run. The delta rule's extra work (the WY representation's triangular solve) is not counted, so its
-  figure understates the work done.
+  and intra-chunk outputs, the state's read and its update) and 3x that for fwd+bwd, against a dense float32
+  matmul peak measured in the same run. The delta rule's extra work (the WY representation's triangular solve)
+  is not counted, so its figure understates the work done.
 
 Run (writes ``experiments/benchmarks/results/linear_attention_<platform>[_quick].{json,md}``):
 
@@ -246,7 +246,8 @@ def to_markdown(result: dict[str, object]) -> str:
            f"cores, jax {info['jax']}. "
            f"Median of {result['repeats']} calls after a warm-up; memory is XLA's compiled fwd+bwd "
            f"temp+output bytes. `skip` = above the cap for that implementation on this platform "
-           f"(impractical), `n/i` = not implemented for these arguments, `error` = the implementation failed (see the JSON).\n"]
+           f"(impractical), `n/i` = not implemented for these arguments, `error` = the implementation failed "
+           "(see the JSON).\n"]
   rows = result["rows"]
   lines += _summary(result)
   lines += [f"- Note: {note}" for note in result.get("notes", [])]

@@ -217,7 +217,8 @@ def default_chunk_size(seq: int, key_dim: int, value_dim: int) -> int:
   products ``4 K V`` whatever ``C``; they balance at ``C = 2 K V / (K + V)``, and where that is at most 32
   (K = V = 32: a 64-row chunk spends twice as much inside the chunk as on the state) the shorter chunk is
   used. Forward+backward at H=2, K=V=32, T=4096 on the 2-core CPU took less time at chunk 32 than at 64 for
-  all three forms (``experiments/benchmarks/results/linear_attention_cpu_limits.md``, "Chunk length")."""
+  the delta rule and per-head GLA, and about the same for per-channel GLA
+  (``experiments/benchmarks/results/linear_attention_cpu_limits.md``, "Chunk length")."""
   full = SMALL_HEAD_CHUNK_SIZE if 2 * key_dim * value_dim <= 32 * (key_dim + value_dim) else DEFAULT_CHUNK_SIZE
   return min(full, -(-seq // 16) * 16)
 

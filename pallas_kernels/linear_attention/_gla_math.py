@@ -29,7 +29,8 @@ matmul around the chunk's middle row (mild decays, :class:`MidScores`) or :class
 computes the diagonal sub-chunks diagonal by diagonal (offset ``d``: a ``(C, K)`` product with
 ``exp(G_i - G_{i-d})``) and the rest by recursive halving, never a ``(sub, sub, K)`` pairwise tensor;
 :class:`BlockScores` (kernels: 16-row blocks loaded from refs) loops over the key columns of a diagonal block,
-as flash-linear-attention does.
+as flash-linear-attention does. Without decay or with a per-head one, every backend (kernels included) holds a
+chunk's scores as one ``(C, C)`` matrix (:class:`HeadScores`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ def gate_grad(q, k, dq, dk, G, d_last):
   else:
     d = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
   return d + jnp.where(last_row_mask(G.shape[-2]), d_last, 0.0)
+
+
+def chunk_output(q, v, G, state_VK, scores, dtype):
+  """``o / scale`` of a chunk: the incoming state's part plus ``A v`` (``scores``: an intra object below)."""
+  return inter_output(q, G, state_VK, dtype) + scores.apply(v)
+
+
+def chunk_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, scores, dtype):
+  """``(dq, dk, dv, dG)`` of a chunk (``do`` already scaled) from the state entering it, the cotangent of the
+  state leaving it and its intra object; ``dG`` None without decay."""
+  dq_a, dk_a, dv_a = scores.backward(do, v)
+  dq, dk, dv, d_keys = inter_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, dtype)
+  dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
+  d_last = None if G is None else d_keys + carry_grad(G_last, state_VK, dstate_VK)
+  return dq, dk, dv, gate_grad(q, k, dq, dk, G, d_last)
 
 
 def reduce_to(x, G):
@@ -308,20 +324,17 @@ def kernel_state_grad_step(q_ref, G_ref, do_ref, base, chunk: int, dstate_VK, sc
 
 
 class BlockScores:
-  """``A`` of one chunk inside a kernel, 16-row block by block, from refs ``q``, ``k`` ``(C, K)`` and ``G``
-  ``(C, K')`` float32 (or None). Off-diagonal blocks factorise around the first row of the query block (both
-  factors <= 1, one dot); a diagonal block uses the pairwise exponent masked before ``exp``: a ``(16, 16)``
-  matrix for a per-head decay, a loop over the 16 key columns for a per-channel one
-  (flash-linear-attention ``chunk_gla_fwd_kernel_intra``)."""
+  """``A`` of one chunk with a per-key-channel decay inside a kernel, 16-row block by block, from refs ``q``,
+  ``k`` ``(C, K)`` and ``G`` ``(C, K)`` float32. Off-diagonal blocks factorise around the first row of the
+  query block (both factors <= 1, one dot); a diagonal block loops over its 16 key columns with the pairwise
+  exponent masked before ``exp`` (flash-linear-attention ``chunk_gla_fwd_kernel_intra``)."""
 
   def __init__(self, q_ref, k_ref, G_ref, chunk: int, dtype):
     self.refs, self.num, self.dtype = dict(q=q_ref, k=k_ref, G=G_ref), chunk // BLOCK, dtype
     self._cache = {}
 
   def load(self, name: str, i: int):
-    """Rows of block ``i`` of ``q``/``k`` (their dtype) or ``G`` (None without decay)."""
-    if self.refs[name] is None:
-      return None
+    """Rows of block ``i`` of ``q``/``k`` (their dtype) or ``G``."""
     if (name, i) not in self._cache:
       self._cache[name, i] = _rows(self.refs[name], i * BLOCK, BLOCK)
     return self._cache[name, i]
@@ -332,15 +345,13 @@ class BlockScores:
 
   def _factors(self, i: int, j: int):
     """``(q_i exp(G_i - G_r), k_j exp(G_r - G_j), exp(G_i - G_r), exp(G_r - G_j))``, ``r`` the first row of i."""
-    q, k, G_i = self.load("q", i), self.load("k", j), self.load("G", i)
-    if G_i is None:
-      return q, k, 1.0, 1.0
+    G_i = self.load("G", i)
     first = self._row(G_i, 0)
     up, down = jnp.exp(G_i - first), jnp.exp(first - self.load("G", j))
-    return q * up, k * down, up, down
+    return self.load("q", i) * up, self.load("k", j) * down, up, down
 
   def _column_decay(self, i: int, col: int):
-    """``(16, K')``: ``exp(G_a - G_col)`` for rows ``a >= col`` of block ``i``, 0 above."""
+    """``(16, K)``: ``exp(G_a - G_col)`` for rows ``a >= col`` of block ``i``, 0 above."""
     G = self.load("G", i)
     return masked_exp(G - self._row(G, col), iota((BLOCK, 1), 0) >= col)
 
@@ -349,9 +360,6 @@ class BlockScores:
     if i != j:
       q_t, k_t, _, _ = self._factors(i, j)
       return mm_nt(q_t, k_t, self.dtype)
-    G = self.load("G", i)
-    if G is None or G.shape[-1] == 1:
-      return head_scores(self.load("q", i), self.load("k", i), None if G is None else head_decay(G), self.dtype)
     q, k = self.load("q", i).astype(jnp.float32), self.load("k", i).astype(jnp.float32)
     cols = iota((BLOCK, BLOCK), 1)
     scores = jnp.zeros((BLOCK, BLOCK), jnp.float32)
@@ -366,10 +374,6 @@ class BlockScores:
     if i != j:
       q_t, k_t, up, down = self._factors(i, j)
       return mm(dA, k_t, w) * up, mm_tn(dA, q_t, w) * down
-    G = self.load("G", i)
-    if G is None or G.shape[-1] == 1:
-      dP = dA if G is None else dA * head_decay(G)
-      return mm(dP, self.load("k", i), w), mm_tn(dP, self.load("q", i), w)
     q, k = self.load("q", i).astype(jnp.float32), self.load("k", i).astype(jnp.float32)
     dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
     for col in range(BLOCK):
@@ -380,8 +384,20 @@ class BlockScores:
     return dq, dk
 
 
+def _per_channel(G_ref) -> bool:
+  """Whether a kernel's chunk takes 16-row blocks (a per-key-channel decay); without decay or with a per-head
+  one, its scores are one ``(C, C)`` matrix (:class:`HeadScores`): whole-chunk dots, as wide as the tensor
+  cores / MXU take them, with every exponent ``<= 0`` (masked before ``exp``)."""
+  return G_ref is not None and G_ref.shape[-1] != 1
+
+
 def kernel_output(q_ref, k_ref, v_ref, G_ref, state_VK, o_ref, *, chunk: int, scale: float, dtype):
   """Writes ``o`` of one chunk (``v``, ``o`` and the state may be V tiles)."""
+  if not _per_channel(G_ref):
+    q, G = q_ref[...], None if G_ref is None else G_ref[...]
+    o = chunk_output(q, v_ref[...], G, state_VK, HeadScores(q, k_ref[...], G, dtype), dtype)
+    o_ref[...] = (scale * o).astype(o_ref.dtype)
+    return
   scores = BlockScores(q_ref, k_ref, G_ref, chunk, dtype)
   for i in range(scores.num):
     acc = inter_output(scores.load("q", i), scores.load("G", i), state_VK, dtype)
@@ -394,9 +410,16 @@ def kernel_grads(q_ref, k_ref, v_ref, G_ref, state_VK, dstate_VK, do_ref, grad_r
                  scale: float, dtype):
   """Writes ``(dq, dk, dv[, dG])`` of one chunk given the state entering it and the cotangent of the state
   leaving it (whole K and V)."""
+  G, G_last = _chunk_decay(G_ref, 0, chunk)
+  if not _per_channel(G_ref):
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    grads = chunk_grads(q, k, v, G, G_last, state_VK, dstate_VK, scale * do_ref[...].astype(jnp.float32),
+                        HeadScores(q, k, G, dtype), dtype)
+    for ref, x in zip(grad_refs, grads):
+      ref[...] = x.astype(ref.dtype)
+    return
   scores = BlockScores(q_ref, k_ref, G_ref, chunk, dtype)
   n = scores.num
-  _, G_last = _chunk_decay(G_ref, 0, chunk)
   do = [scale * _rows(do_ref, i * BLOCK, BLOCK).astype(jnp.float32) for i in range(n)]
   v = [_rows(v_ref, i * BLOCK, BLOCK) for i in range(n)]
   dq, dk, dv, d_last = [], [], [], carry_grad(G_last, state_VK, dstate_VK)
@@ -404,7 +427,7 @@ def kernel_grads(q_ref, k_ref, v_ref, G_ref, state_VK, dstate_VK, do_ref, grad_r
     dq_i, dk_i, dv_i, d_keys = inter_grads(scores.load("q", i), scores.load("k", i), v[i], scores.load("G", i),
                                            G_last, state_VK, dstate_VK, do[i], dtype)
     dq.append(dq_i), dk.append(dk_i), dv.append(dv_i)
-    d_last = None if d_last is None else d_last + d_keys
+    d_last = d_last + d_keys
   causal = causal_mask(BLOCK)
   for i in range(n):
     for j in range(i + 1):
@@ -415,9 +438,7 @@ def kernel_grads(q_ref, k_ref, v_ref, G_ref, state_VK, dstate_VK, do_ref, grad_r
       dq[i], dk[j] = dq[i] + dq_ij, dk[j] + dk_ij
   for i in range(n):
     rows = pl.ds(i * BLOCK, BLOCK)
-    grads = (dq[i], dk[i], dv[i])
-    if G_ref is not None:
-      grads += (gate_grad(scores.load("q", i), scores.load("k", i), dq[i], dk[i], scores.load("G", i),
-                          d_last if i == n - 1 else 0.0),)
-    for ref, x in zip(grad_refs, grads):
+    dG = gate_grad(scores.load("q", i), scores.load("k", i), dq[i], dk[i], scores.load("G", i),
+                   d_last if i == n - 1 else 0.0)
+    for ref, x in zip(grad_refs, (dq[i], dk[i], dv[i], dG)):
       ref[rows, :] = x.astype(ref.dtype)

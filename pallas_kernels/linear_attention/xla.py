@@ -190,7 +190,7 @@ def _gla_forward(q, k, v, g, h0, plan):
       write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
       state, states = _recurrence(state, _gla_math.carry(_last(G)), write)
       states = states.astype(plan.options.states_dtype)
-      o = _gla_math.inter_output(q, G, states, plan.dtype) + scores(q, k, G).apply(v)
+      o = _gla_math.chunk_output(q, v, G, states, scores(q, k, G), plan.dtype)
       return state, ((plan.scale * o,), (states,))
 
     final, ((o,), (states,)) = _over_groups(body, _grouped_states(h0, kv), tokens, (), plan, group_bytes,
@@ -215,11 +215,7 @@ def _gla_backward(residuals, cotangents, plan):
       G, do = _summed(g, plan), plan.scale * do.astype(_F32)
       write = _gla_math.state_grad_write(q, G, do, plan.dtype)
       dstate, dS = _recurrence(dstate, _gla_math.carry(_last(G)), write, reverse=True)
-      dq_a, dk_a, dv_a = scores(q, k, G).backward(do, v)
-      dq, dk, dv, d_keys = _gla_math.inter_grads(q, k, v, G, _last(G), h, dS, do, plan.dtype)
-      dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
-      d_last = None if G is None else d_keys + _gla_math.carry_grad(_last(G), h, dS)
-      dG = _gla_math.gate_grad(q, k, dq, dk, G, d_last)
+      dq, dk, dv, dG = _gla_math.chunk_grads(q, k, v, G, _last(G), h, dS, do, scores(q, k, G), plan.dtype)
       return dstate, ((dq, _sum_to(dk, k), _sum_to(dv, v), _summed(dG, plan, reverse=True)), ())
 
     dh0, (grads, _) = _over_groups(body, _grouped_states(dh_final, kv), tokens, (states,), plan, group_bytes,

@@ -31,13 +31,14 @@ CASES = {
     # name: (inputs, op kwargs)
     "gla-channel-f32-gqa-segments": (dict(seq=40, kv_heads=1, decay="channel"), dict(chunk_size=16, segments=True)),
     "gla-head-bf16": (dict(seq=45, kv_heads=2, decay="head", dtype=jnp.bfloat16), dict(chunk_size=32)),
+    "gla-no-decay-f32-gqa": (dict(seq=37, kv_heads=1, decay="none"), dict(chunk_size=16)),
     "delta-f32-gqa-segments-beta-per-kv": (dict(seq=40, kv_heads=1, decay="head", delta=True, beta_heads=1),
                                            dict(chunk_size=16, segments=True)),
     "delta-bf16-no-decay": (dict(seq=70, kv_heads=2, decay="none", delta=True, dtype=jnp.bfloat16),
                             dict(chunk_size=64)),
 }
-RUNS = [("pallas_tpu", name) for name in CASES] + [("pallas_triton", "gla-channel-f32-gqa-segments"),
-                                                   ("pallas_triton", "delta-bf16-no-decay")]
+RUNS = [("pallas_tpu", name) for name in CASES] + [
+    ("pallas_triton", name) for name in ("gla-channel-f32-gqa-segments", "gla-head-bf16", "delta-bf16-no-decay")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,8 +116,9 @@ def test_unsupported_chunk_size_raises(implementation, op):
 @pytest.mark.parametrize("module,platform,marker", [("tpu", "tpu", "tpu_custom_call"),
                                                     ("gpu", "cuda", "__gpu$xla.gpu.triton")])
 def test_cross_lowers_forward_and_backward(module, platform, marker):
-  """The real (non-interpret) kernels lower for their platform: bf16, K = V = 128, GQA, per-channel GLA and the
-  gated delta rule with packed segments, forward and backward."""
+  """The real (non-interpret) kernels lower for their platform: bf16, K = V = 128, GQA, GLA with a per-channel
+  decay (16-row blocks) and a per-head one (whole-chunk scores) and the gated delta rule, with packed segments,
+  forward and backward."""
   impl = importlib.import_module(f"pallas_kernels.linear_attention.{module}")
   batch, seq, heads, kv_heads, dim = 1, 256, 4, 2, 128
   segments = (jnp.arange(seq)[None] >= 100).astype(jnp.int32)
@@ -126,7 +128,9 @@ def test_cross_lowers_forward_and_backward(module, platform, marker):
                   chunk_size=64)
     o, final = impl.linear_attention(q, k, v, log_decay, **common)
     o2, final2 = impl.delta_rule(q, k, v, beta, log_decay[..., 0], **common)
-    return jnp.sum(o.astype(jnp.float32) + o2.astype(jnp.float32)) + jnp.sum(final + final2)
+    o3, final3 = impl.linear_attention(q, k, v, log_decay[..., 0], **common)
+    outputs = (o.astype(jnp.float32) + o2.astype(jnp.float32) + o3.astype(jnp.float32))
+    return jnp.sum(outputs) + jnp.sum(final + final2 + final3)
 
   sds = jax.ShapeDtypeStruct
   args = (sds((batch, seq, heads, dim), jnp.bfloat16),) + (sds((batch, seq, kv_heads, dim), jnp.bfloat16),) * 2 + (
@@ -134,7 +138,7 @@ def test_cross_lowers_forward_and_backward(module, platform, marker):
       sds((batch, heads, dim, dim), jnp.float32))
   text = jax.jit(jax.value_and_grad(f, argnums=range(6))).trace(*args).lower(
       lowering_platforms=(platform,)).as_text()
-  assert text.count(marker) >= 12  # GLA: 2 forward + 3 backward kernels; delta rule: 3 + 4
+  assert text.count(marker) >= 17  # GLA (twice): 2 forward + 3 backward kernels; delta rule: 3 + 4
   for name in ("gla_states", "gla_output", "gla_state_grads", "gla_grads", "delta_prepare", "delta_states",
                "delta_output", "delta_state_grads", "delta_grads"):
     assert name in text, name

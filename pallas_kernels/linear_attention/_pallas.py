@@ -11,8 +11,11 @@ program on Triton).
   (whole K and V).
 
 Blocks are ``(C, width)`` rows of ``(B, heads, T, dim)`` arrays; a key/value head is read by its group of query
-heads through the index map (``h // group``), never repeated; per-query-head gradients of k, v (and a
-per-key/value-head beta) are summed over the group afterwards.
+heads through the index map (``h // group``), never repeated. The gradient passes run over key/value heads
+instead (grid ``(B, KV, N, 1)``): one program takes a chunk of a key/value head and of its whole group of query
+heads (``(group, C, width)`` blocks), runs the group's query heads one after another and sums their
+gradients of k, v (and a per-key/value-head beta) in its output block, so those are written once, at their
+own size.
 """
 
 from __future__ import annotations
@@ -97,8 +100,12 @@ class Sizes:
   def states_shape(self, dtype):
     return jax.ShapeDtypeStruct((self.batch, self.heads, self.num, self.value_dim, self.key_dim), dtype)
 
-  def rows_shape(self, dim: int, dtype=jnp.float32):
-    return jax.ShapeDtypeStruct((self.batch, self.heads, self.seq, dim), dtype)
+  def rows_shape(self, dim: int, dtype=jnp.float32, heads: int | None = None):
+    return jax.ShapeDtypeStruct((self.batch, heads or self.heads, self.seq, dim), dtype)
+
+  def kv_rows_shape(self, dim: int):
+    """float32 rows of a gradient per key/value head (summed over its group by :meth:`parallel_by_kv`)."""
+    return self.rows_shape(dim, heads=self.heads // self.group)
 
   def parallel(self, kernel, inputs, outputs, name):
     """A parallel pass over grid ``(B, H, N, V tiles)``: ``inputs`` ``[(array or None, width | "state")]``,
@@ -119,6 +126,40 @@ class Sizes:
         out_shape=[shape for shape, _ in outputs], compiler_params=self.platform.params(self.plan.options, False),
         interpret=dispatch.interpret_mode(), name=name)(*[inputs[i][0] for i in present])
 
+  def parallel_by_kv(self, kernel, inputs, outputs, name):
+    """:meth:`parallel` over grid ``(B, KV, N, 1)`` (whole K and V): a program runs ``kernel`` for each query head
+    of its group in turn, with ``(C, width)`` views of the per-query-head arrays; outputs with ``KV`` heads
+    are sums over the group (float32)."""
+    if self.group == 1:
+      return self.parallel(kernel, inputs, outputs, name)
+    group, heads = self.group, self.heads
+
+    def spec(x, width, block_rows):
+      per_query = x.shape[1] == heads
+      lead = (None, group if per_query else None)
+      if width == "state":  # (B, H, N, V, K), one chunk of the group's heads
+        return pl.BlockSpec((*lead, None, self.value_dim, self.key_dim), lambda b, kv, n, _: (b, kv, n, 0, 0))
+      return pl.BlockSpec((*lead, block_rows, self.width(x, width)[0]), lambda b, kv, n, _: (b, kv, n, 0))
+
+    present = [i for i, (x, _) in enumerate(inputs) if x is not None]
+    per_query_in = [inputs[i][0].shape[1] == heads for i in present]
+    per_query_out = [shape.shape[1] == heads for shape, _ in outputs]
+
+    def body(*refs):
+      ins, outs = refs[:len(present)], refs[len(present):]
+      for g in range(group):
+        given = iter(_Head(ref, g) if per_query else ref for ref, per_query in zip(ins, per_query_in))
+        views = [_Head(out, g) if per_query else (out if g == 0 else _Summing(out))
+                 for out, per_query in zip(outs, per_query_out)]
+        kernel(*[next(given) if i in present else None for i in range(len(inputs))], *views)
+
+    return pl.pallas_call(
+        body, grid=(self.batch, heads // group, self.num, 1),
+        in_specs=[spec(*inputs[i], self.chunk) for i in present],
+        out_specs=[spec(shape, w, self.chunk) for shape, w in outputs],
+        out_shape=[shape for shape, _ in outputs], compiler_params=self.platform.params(self.plan.options, False),
+        interpret=dispatch.interpret_mode(), name=name)(*[inputs[i][0] for i in present])
+
   def scan(self, inputs, state_in, step, extra_out=(), *, name, reverse=False):
     """A sequential pass (see :class:`Platform`); absent (None) inputs reach ``step`` as None."""
     present = [i for i, (x, _) in enumerate(inputs) if x is not None]
@@ -131,10 +172,32 @@ class Sizes:
                               reverse=reverse)
 
 
-def _group_sum(x, kv_heads: int):
-  """Sums per-query-head gradients ``(B, H, T, D)`` over each group -> ``(B, KV, T, D)``."""
-  batch, heads = x.shape[:2]
-  return x.reshape(batch, kv_heads, heads // kv_heads, *x.shape[2:]).sum(axis=2) if heads != kv_heads else x
+class _Head:
+  """Query head ``head`` of a ``(group, rows, width)`` block, indexed like a ``(rows, width)`` ref (one indexer:
+  Triton's lowering takes no view of a view)."""
+
+  def __init__(self, ref, head: int):
+    self.ref, self.head, self.shape, self.dtype = ref, head, ref.shape[1:], ref.dtype
+
+  def _index(self, index):
+    rest = (slice(None), slice(None)) if index is Ellipsis else index if isinstance(index, tuple) else (index,)
+    return (self.head, *rest)
+
+  def __getitem__(self, index):
+    return self.ref[self._index(index)]
+
+  def __setitem__(self, index, x):
+    self.ref[self._index(index)] = x
+
+
+class _Summing:
+  """An output block that adds what is stored into it to what it holds (a group's later query heads)."""
+
+  def __init__(self, ref):
+    self.ref, self.shape, self.dtype = ref, ref.shape, ref.dtype
+
+  def __setitem__(self, index, x):
+    self.ref[index] = self.ref[index] + x
 
 
 def _f32(ref):
@@ -186,12 +249,11 @@ def _gla_grads(platform, q, k, v, G, h_all, dS_all, do, plan):
     _gla_math.kernel_grads(q_ref, k_ref, v_ref, G_ref, _f32(h_ref), _f32(dS_ref), do_ref, grad_refs,
                            chunk=plan.chunk, scale=plan.scale, dtype=plan.dtype)
 
-  outputs = [(s.rows_shape(s.key_dim), "all"), (s.rows_shape(s.key_dim), "all"),
-             (s.rows_shape(s.value_dim), "all")] + ([] if G is None else [(s.rows_shape(G.shape[-1]), "all")])
-  grads = s.parallel(kernel, [(q, "all"), (k, "all"), (v, "all"), (G, "all"), (h_all, "state"), (dS_all, "state"),
-                              (do, "all")], outputs, "gla_grads")
-  kv = k.shape[1]
-  return grads[0], _group_sum(grads[1], kv), _group_sum(grads[2], kv), grads[3] if G is not None else None
+  outputs = [(s.rows_shape(s.key_dim), "all"), (s.kv_rows_shape(s.key_dim), "all"),
+             (s.kv_rows_shape(s.value_dim), "all")] + ([] if G is None else [(s.rows_shape(G.shape[-1]), "all")])
+  grads = s.parallel_by_kv(kernel, [(q, "all"), (k, "all"), (v, "all"), (G, "all"), (h_all, "state"),
+                                    (dS_all, "state"), (do, "all")], outputs, "gla_grads")
+  return (*grads[:3], grads[3] if G is not None else None)
 
 
 # ---- gated delta rule -----------------------------------------------------------------------------------------
@@ -253,13 +315,13 @@ def _delta_grads(platform, q, k, v, beta, G, h_all, delta, d_delta, dS_all, do, 
     _delta_math.kernel_grads(q_ref, k_ref, v_ref, beta_ref, G_ref, _f32(h_ref), delta_ref, d_delta_ref,
                              _f32(dS_ref), do_ref, grad_refs, chunk=plan.chunk, scale=plan.scale, dtype=plan.dtype)
 
-  outputs = [(s.rows_shape(s.key_dim), "all"), (s.rows_shape(s.key_dim), "all"), (s.rows_shape(s.value_dim), "all"),
-             (s.rows_shape(1), "all")] + ([] if G is None else [(s.rows_shape(1), "all")])
-  grads = s.parallel(kernel, [(q, "all"), (k, "all"), (v, "all"), (beta, "all"), (G, "all"), (h_all, "state"),
-                              (delta, "all"), (d_delta, "all"), (dS_all, "state"), (do, "all")], outputs, "delta_grads")
-  kv = k.shape[1]
-  dbeta = grads[3] if beta.shape[1] == q.shape[1] else _group_sum(grads[3], kv)
-  return grads[0], _group_sum(grads[1], kv), _group_sum(grads[2], kv), dbeta, grads[4] if G is not None else None
+  outputs = [(s.rows_shape(s.key_dim), "all"), (s.kv_rows_shape(s.key_dim), "all"),
+             (s.kv_rows_shape(s.value_dim), "all"), (s.rows_shape(1, heads=beta.shape[1]), "all")] + (
+                 [] if G is None else [(s.rows_shape(1), "all")])
+  grads = s.parallel_by_kv(kernel, [(q, "all"), (k, "all"), (v, "all"), (beta, "all"), (G, "all"), (h_all, "state"),
+                                    (delta, "all"), (d_delta, "all"), (dS_all, "state"), (do, "all")], outputs,
+                           "delta_grads")
+  return (*grads[:4], grads[4] if G is not None else None)
 
 
 @functools.lru_cache(maxsize=None)

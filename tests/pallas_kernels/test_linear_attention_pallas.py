@@ -1,7 +1,8 @@
 """Pallas kernels of ``linear_attention`` and ``delta_rule`` (TPU and Triton) in interpret mode against the
 reference oracle (outputs, final state and every gradient; log decays of -inf, -1e4, -20 and 0 mixed in by the
-shared helper; GQA with k/v read per group; lengths not a multiple of the chunk; packed segments; bf16 with
-bf16 stored chunk states), plus cross-lowering of the real forward and backward kernels from this CPU host."""
+shared helper; GQA with k/v read per group and their gradients summed per group inside the kernels; lengths
+not a multiple of the chunk; packed segments; bf16 with bf16 stored chunk states), plus cross-lowering of the
+real forward and backward kernels from this CPU host."""
 
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ CASES = {
                                            dict(chunk_size=16, segments=True)),
     "delta-bf16-no-decay": (dict(seq=70, kv_heads=2, decay="none", delta=True, dtype=jnp.bfloat16),
                             dict(chunk_size=64)),
+    "delta-f32-gqa-beta-per-query": (dict(seq=35, kv_heads=1, decay="head", delta=True), dict(chunk_size=16)),
 }
 RUNS = [("pallas_tpu", name) for name in CASES] + [
-    ("pallas_triton", name) for name in ("gla-channel-f32-gqa-segments", "gla-head-bf16", "delta-bf16-no-decay")]
+    ("pallas_triton", name) for name in ("gla-channel-f32-gqa-segments", "gla-head-bf16", "delta-bf16-no-decay",
+                                         "delta-f32-gqa-beta-per-query")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +114,40 @@ def test_unsupported_chunk_size_raises(implementation, op):
   positional = [args[n] for n in ("q", "k", "v", "beta") if n in args]
   with pallas_kernels.interpret(), pytest.raises(NotImplementedError, match="chunk_size=24.*supported"):
     getattr(pallas_kernels, op)(*positional, chunk_size=24, implementation=implementation)
+
+
+def _pallas_outputs(jaxpr, found):
+  """``{kernel name: output shapes}`` of every ``pallas_call`` in ``jaxpr`` and its sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      found[eqn.params["name"]] = [tuple(v.aval.shape) for v in eqn.outvars]
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        _pallas_outputs(inner, found)
+  return found
+
+
+@pytest.mark.parametrize("module", ("tpu", "gpu"))
+def test_gqa_gradients_of_k_v_beta_leave_the_kernel_at_their_own_size(module):
+  """The gradient kernels sum a group's query heads themselves: dk, dv (and a per-key/value-head dbeta) come
+  out with KV heads, never as per-query-head copies."""
+  impl = importlib.import_module(f"pallas_kernels.linear_attention.{module}")
+  batch, seq, heads, kv_heads, dim = 1, 64, 4, 2, 16
+  common = dict(scale=0.25, initial_state=None, return_final_state=False, segment_ids=None, chunk_size=16)
+
+  def loss(q, k, v, log_decay, beta):
+    o = impl.linear_attention(q, k, v, log_decay, **common)[0]
+    o2 = impl.delta_rule(q, k, v, beta, log_decay[..., 0], **common)[0]
+    return jnp.sum(o) + jnp.sum(o2)
+
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((batch, seq, heads, dim), jnp.float32), sds((batch, seq, kv_heads, dim), jnp.float32)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(q, kv, kv, q, sds((batch, seq, kv_heads), jnp.float32))
+  found = _pallas_outputs(jaxpr.jaxpr, {})
+  per_query, per_kv = (batch, heads, seq, dim), (batch, kv_heads, seq, dim)
+  assert found["gla_grads"] == [per_query, per_kv, per_kv, per_query]
+  assert found["delta_grads"] == [per_query, per_kv, per_kv, (batch, kv_heads, seq, 1), (batch, heads, seq, 1)]
 
 
 @pytest.mark.parametrize("module,platform,marker", [("tpu", "tpu", "tpu_custom_call"),

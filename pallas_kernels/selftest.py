@@ -148,9 +148,11 @@ def pallas_implementations(op_name: str) -> tuple[str, ...]:
 
 
 def run(ops: Sequence[str] | None = None, *, interpret: bool = False,
-        implementations: Sequence[str] | None = None) -> list[Row]:
+        implementations: Sequence[str] | None = None,
+        on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
   """Checks every Pallas implementation of every case (only those that run on this backend unless
-  ``interpret``); ``implementations`` narrows the kernels checked."""
+  ``interpret``); ``implementations`` narrows the kernels checked; ``on_row`` gets the rows so far after each
+  (a run cut short keeps what it checked)."""
   rows = []
   with dispatch.interpret(interpret):
     for case in cases(ops):
@@ -158,6 +160,8 @@ def run(ops: Sequence[str] | None = None, *, interpret: bool = False,
         if implementations and name not in implementations:
           continue
         rows.append(check(case, name))
+        if on_row is not None:
+          on_row(rows)
   return rows
 
 
@@ -184,16 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--implementation", action="append", help="only this kernel (repeatable)")
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args(argv)
-  rows = run(args.op, interpret=args.interpret, implementations=args.implementation)
-  print(f"pallas_kernels self-test on {device_description()}"
-        f"{' in interpret mode' if args.interpret else ', compiled'}\n")
-  print(format_table(rows))
+  mode = " in interpret mode" if args.interpret else ", compiled"
+  print(f"pallas_kernels self-test on {device_description()}{mode}", flush=True)
+
+  def write(rows: list[Row]) -> None:
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"device": device_description(), "interpret": args.interpret,
+                   "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+
+  def progress(rows: list[Row]) -> None:
+    print(f"  {rows[-1].op} / {rows[-1].case} / {rows[-1].implementation}: {rows[-1].status}", flush=True)
+    write(rows)
+
+  rows = run(args.op, interpret=args.interpret, implementations=args.implementation, on_row=progress)
+  write(rows)
+  print(f"\n{format_table(rows)}")
   counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP", "ERROR")}
   print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": device_description(), "interpret": args.interpret,
-                 "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
   return 1 if counts["FAIL"] or counts["ERROR"] else 0
 
 

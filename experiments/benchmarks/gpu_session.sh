@@ -3,7 +3,10 @@
 # fits a short lease of the machine (about 9 minutes; each step has its own time limit, and every benchmark
 # writes its results after each row, so a step cut short still leaves what it measured).
 #
-#   bash experiments/benchmarks/gpu_session.sh OUT_DIR
+#   bash experiments/benchmarks/gpu_session.sh OUT_DIR [STEP ...]
+#
+# STEPs, in this order by default (the most important first): selftest, linear_attention_fla, attention, moe,
+# spiking; name some to run only those (a second, shorter call after one was cut short).
 #
 # Run from the repository root. The machine needs jax with CUDA, flax and numpy (the project is put on
 # PYTHONPATH, not installed). flash-linear-attention, for the comparison of the linear-attention kernels, comes
@@ -34,12 +37,22 @@ step() {  # step LIMIT_SECONDS COMMAND...: runs one step under a time limit and 
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-step 150 python3 -m pallas_kernels.selftest --json "$results/selftest_gpu.json"
-step 210 python3 -m experiments.benchmarks.linear_attention_fla --seq-lens 2048,8192,16384 --repeats 10 \
-  --out "$results"
-step 110 python3 -m experiments.benchmarks.attention --seq-lens 4096,16384 --repeats 5 --ratio-runs 1 \
-  --out "$results"
-step 40 python3 -m experiments.benchmarks.moe --parts gmm --out "$results"
-step 40 python3 -m experiments.benchmarks.spiking --quick --out "$results"
+run() {  # run NAME: one step by name
+  case $1 in
+    selftest) step 200 python3 -m pallas_kernels.selftest --json "$results/selftest_gpu.json" ;;
+    linear_attention_fla) step 220 python3 -m experiments.benchmarks.linear_attention_fla \
+      --seq-lens 2048,8192,16384 --repeats 10 --out "$results" ;;
+    attention) step 80 python3 -m experiments.benchmarks.attention --seq-lens 4096,16384 --repeats 5 \
+      --ratio-runs 1 --out "$results" ;;
+    moe) step 30 python3 -m experiments.benchmarks.moe --parts gmm --out "$results" ;;
+    spiking) step 30 python3 -m experiments.benchmarks.spiking --quick --out "$results" ;;
+    *) echo "== unknown step $1 (known: selftest linear_attention_fla attention moe spiking)" ;;
+  esac
+}
+
+shift
+for name in "${@:-selftest linear_attention_fla attention moe spiking}"; do
+  for one in $name; do run "$one"; done
+done
 tar czf "$out/results.tar.gz" -C "$results" .
 echo "== wrote $out/results.tar.gz"

@@ -54,3 +54,25 @@ def test_main_checks_a_kernel_in_interpret_mode_and_writes_json(tmp_path, capsys
 def test_unknown_op_is_a_value_error():
   with pytest.raises(ValueError, match="op: got"):
     selftest.cases(["warp_attention"])
+
+
+def test_json_keeps_the_rows_checked_before_a_run_is_cut_short(tmp_path, monkeypatch):
+  """The JSON is rewritten after every row, so a run stopped by a time limit (a signal) keeps what it checked."""
+  def gmm(lhs, rhs, sizes, implementation):
+    return grouped_matmul(lhs, rhs, sizes, implementation=implementation)
+  first, second = (selftest.Case("grouped_matmul", name, gmm, _tiny_gmm_inputs, (0, 1), 1e-4)
+                   for name in ("tiny", "cut"))
+  monkeypatch.setattr(selftest, "cases", lambda ops=None: (first, second))
+  real_check = selftest.check
+
+  def check(case, implementation, **kwargs):
+    if case.name == "cut":
+      raise KeyboardInterrupt  # what a time limit's signal does to the run
+    return real_check(case, implementation, **kwargs)
+
+  monkeypatch.setattr(selftest, "check", check)
+  out = tmp_path / "rows.json"
+  with pytest.raises(KeyboardInterrupt):
+    selftest.main(["--interpret", "--implementation", "pallas_triton", "--json", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["case"], r["status"]) for r in rows] == [("tiny", "PASS")]

@@ -14,8 +14,7 @@ Blocks are ``(C, width)`` rows of ``(B, heads, T, dim)`` arrays; a key/value hea
 heads through the index map (``h // group``), never repeated. The gradient passes run over key/value heads
 instead (grid ``(B, KV, N, 1)``): one program takes a chunk of a key/value head and of its whole group of query
 heads (``(group, C, width)`` blocks), runs the group's query heads one after another and sums their
-gradients of k, v (and a per-key/value-head beta) in its output block, so those are written once, at their
-own size.
+gradients of k, v (and a per-key/value-head beta) as values, so those are written once, at their own size.
 """
 
 from __future__ import annotations
@@ -129,7 +128,7 @@ class Sizes:
   def parallel_by_kv(self, kernel, inputs, outputs, name):
     """:meth:`parallel` over grid ``(B, KV, N, 1)`` (whole K and V): a program runs ``kernel`` for each query head
     of its group in turn, with ``(C, width)`` views of the per-query-head arrays; outputs with ``KV`` heads
-    are sums over the group (float32)."""
+    are sums over the group (float32, :class:`_GroupSum`)."""
     if self.group == 1:
       return self.parallel(kernel, inputs, outputs, name)
     group, heads = self.group, self.heads
@@ -147,11 +146,13 @@ class Sizes:
 
     def body(*refs):
       ins, outs = refs[:len(present)], refs[len(present):]
+      sums = {i: _GroupSum(out) for i, out in enumerate(outs) if not per_query_out[i]}
       for g in range(group):
         given = iter(_Head(ref, g) if per_query else ref for ref, per_query in zip(ins, per_query_in))
-        views = [_Head(out, g) if per_query else (out if g == 0 else _Summing(out))
-                 for out, per_query in zip(outs, per_query_out)]
+        views = [_Head(out, g) if per_query_out[i] else sums[i] for i, out in enumerate(outs)]
         kernel(*[next(given) if i in present else None for i in range(len(inputs))], *views)
+      for total in sums.values():
+        total.flush()
 
     return pl.pallas_call(
         body, grid=(self.batch, heads // group, self.num, 1),
@@ -190,14 +191,23 @@ class _Head:
     self.ref[self._index(index)] = x
 
 
-class _Summing:
-  """An output block that adds what is stored into it to what it holds (a group's later query heads)."""
+class _GroupSum:
+  """Stands in for a key/value head's output block while a program runs the query heads of its group: what
+  each stores is summed as values (in registers / vregs) and written once by :meth:`flush`, so the block is
+  never read back (a Triton program's threads do not see each other's global-memory writes without a
+  barrier)."""
 
   def __init__(self, ref):
     self.ref, self.shape, self.dtype = ref, ref.shape, ref.dtype
+    self._sums = {}
 
   def __setitem__(self, index, x):
-    self.ref[index] = self.ref[index] + x
+    key = repr(index)  # static indices: Ellipsis or (pl.ds(start, size), slice)
+    self._sums[key] = (index, x if key not in self._sums else self._sums[key][1] + x)
+
+  def flush(self):
+    for index, x in self._sums.values():
+      self.ref[index] = x
 
 
 def _f32(ref):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels.attention import BlockSizes, attention_op, xla
-from experiments.benchmarks.machine import device_info, matmul_peak, time_call
+from experiments.benchmarks.machine import device_info, matmul_peak, positive_ints, time_call
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
@@ -304,18 +304,11 @@ def to_markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _positive_ints(text: str) -> tuple[int, ...]:
-  values = tuple(int(x) for x in text.split(",") if x.strip())
-  if not values or min(values) <= 0:
-    raise argparse.ArgumentTypeError(f"got {text!r}; allowed: comma-separated positive ints")
-  return values
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_SEQ_LENS}, 2 repeats, sweep only")
-  parser.add_argument("--seq-lens", type=_positive_ints, default=None, help=f"T values (default {SEQ_LENS})")
-  parser.add_argument("--repeats", type=lambda text: _positive_ints(text)[0], default=None,
+  parser.add_argument("--seq-lens", type=positive_ints, default=None, help=f"T values (default {SEQ_LENS})")
+  parser.add_argument("--repeats", type=lambda text: positive_ints(text)[0], default=None,
                       help="timed calls per combo (default 3, quick 2)")
   parser.add_argument("--ratio-runs", type=int, default=2, choices=range(0, 11),
                       help=f"back-to-back auto / jax xla runs at {RATIO}")

@@ -54,7 +54,7 @@ import numpy as np
 
 import pallas_kernels
 from experiments.benchmarks.linear_attention import CASES, chunked_flops, make_inputs
-from experiments.benchmarks.machine import device_info, time_call
+from experiments.benchmarks.machine import device_info, positive_ints, time_call
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 SEQ_LENS = (2048, 4096, 8192, 16384)
@@ -253,23 +253,13 @@ def to_markdown(result: dict[str, object]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _positive_ints(text: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(t) for t in text.split(","))
-  except ValueError:
-    values = ()
-  if not values or min(values) <= 0:
-    raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
-  return values
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seq-lens", type=_positive_ints, default=SEQ_LENS, help=f"T values (default {SEQ_LENS})")
-  parser.add_argument("--shape", type=_positive_ints, default=tuple(SHAPE.values()),
+  parser.add_argument("--seq-lens", type=positive_ints, default=SEQ_LENS, help=f"T values (default {SEQ_LENS})")
+  parser.add_argument("--shape", type=positive_ints, default=tuple(SHAPE.values()),
                       help="B,H,D (default 4,8,128: 32 heads, K = V = 128)")
   parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
-  parser.add_argument("--repeats", type=lambda text: _positive_ints(text)[0], default=10)
+  parser.add_argument("--repeats", type=lambda text: positive_ints(text)[0], default=10)
   parser.add_argument("--implementations", type=lambda text: tuple(text.split(",")), default=None,
                       help="ours, comma-separated (default: " + "; ".join(f"{k}: {','.join(v)}"
                                                                           for k, v in OURS.items()) + ")")

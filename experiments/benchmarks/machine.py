@@ -1,9 +1,10 @@
 """The machine a benchmark's numbers belong to (written into every results file), and the measurements
 benchmarks share: a call's median wall time (and, where memory is the question, its CPU time and fresh pages)
-and the dense matmul peak that throughputs are quoted against."""
+and the dense matmul peak that throughputs are quoted against; plus the argument type of their lists of sizes."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -65,3 +66,14 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
   fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   seconds = min(time_call(lambda: fn(a, b), 1) for _ in range(repeats))
   return 2.0 * size ** 3 / seconds / 1e9
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+  """``argparse`` type of a comma-separated list of positive ints (e.g. ``--seq-lens 1024,4096``)."""
+  try:
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) <= 0:
+    raise argparse.ArgumentTypeError(f"got {text!r}; allowed: comma-separated positive ints")
+  return values

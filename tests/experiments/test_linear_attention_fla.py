@@ -56,3 +56,13 @@ def test_agreement_and_speed_against_a_stand_in(case):
   assert max(xla_row["rel_rms_vs_fla"].values()) < 1e-5
   speed = fla_row["fwd_bwd_ms"] / xla_row["fwd_bwd_ms"]
   assert f"| {speed:.2f}x |" in fla_bench.to_markdown(result)
+
+
+@pytest.mark.parametrize("argv,message", [(["--seq-lens", "0,2048"], "comma-separated positive ints"),
+                                          (["--repeats", "x"], "comma-separated positive ints"),
+                                          (["--shape", "4,8"], "--shape: expected B,H,D")])
+def test_cli_rejects_bad_arguments(argv, message, capsys, tmp_path):
+  with pytest.raises(SystemExit):
+    fla_bench.main(argv + ["--out", str(tmp_path)])
+  assert message in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())  # nothing measured, nothing written

@@ -6,7 +6,9 @@
 #   bash experiments/benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 #
 # STEPs, in this order by default (the most important first): selftest, linear_attention_fla, attention, moe,
-# spiking; name some to run only those (a second, shorter call after one was cut short).
+# spiking; name some to run only those (a second, shorter call after one was cut short). One more step runs
+# only by name: linear_attention_passes (the time of each Pallas linear-attention pass, to see which kernel
+# to work on).
 #
 # Run from the repository root. The machine needs jax with CUDA, flax and numpy (the project is put on
 # PYTHONPATH, not installed). flash-linear-attention, for the comparison of the linear-attention kernels, comes
@@ -46,7 +48,10 @@ run() {  # run NAME: one step by name
       --ratio-runs 1 --out "$results" ;;
     moe) step 30 python3 -m experiments.benchmarks.moe --parts gmm --out "$results" ;;
     spiking) step 30 python3 -m experiments.benchmarks.spiking --quick --out "$results" ;;
-    *) echo "== unknown step $1 (known: selftest linear_attention_fla attention moe spiking)" ;;
+    linear_attention_passes) step 150 python3 -m experiments.benchmarks.linear_attention_passes --seq-len 8192 \
+      --out "$results" ;;
+    *) echo "== unknown step $1 (known: selftest linear_attention_fla attention moe spiking" \
+      "linear_attention_passes)" ;;
   esac
 }
 

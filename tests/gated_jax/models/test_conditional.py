@@ -16,7 +16,7 @@ from flax import traverse_util
 from gated_jax.layers import MIXERS
 from gated_jax.layers.attention import GatedAttention
 from gated_jax.layers.residual_gates import GateSkipSpec, ResidualGate
-from gated_jax.models import DecoderLM, gateskip
+from gated_jax.models import DecoderLM
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _random_params import random_params  # noqa: E402  pylint: disable=wrong-import-position

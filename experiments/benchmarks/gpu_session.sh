@@ -6,7 +6,7 @@
 #   bash experiments/benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 #
 # STEPs, in this order by default (the most important first): selftest, linear_attention_fla, attention, moe,
-# spiking; name some to run only those (a second, shorter call after one was cut short). One more step runs
+# spiking, linear_attention_step; name some to run only those (a second, shorter call after one was cut short). One more step runs
 # only by name: linear_attention_passes (the time of each Pallas linear-attention pass, to see which kernel
 # to work on).
 #
@@ -42,21 +42,22 @@ python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib._
 run() {  # run NAME: one step by name
   case $1 in
     selftest) step 200 python3 -m pallas_kernels.selftest --json "$results/selftest_gpu.json" ;;
-    linear_attention_fla) step 220 python3 -m experiments.benchmarks.linear_attention_fla \
+    linear_attention_fla) step 210 python3 -m experiments.benchmarks.linear_attention_fla \
       --seq-lens 2048,8192,16384 --repeats 10 --out "$results" ;;
-    attention) step 80 python3 -m experiments.benchmarks.attention --seq-lens 4096,16384 --repeats 5 \
+    attention) step 70 python3 -m experiments.benchmarks.attention --seq-lens 4096,16384 --repeats 5 \
       --ratio-runs 1 --out "$results" ;;
-    moe) step 30 python3 -m experiments.benchmarks.moe --parts gmm --out "$results" ;;
-    spiking) step 30 python3 -m experiments.benchmarks.spiking --quick --out "$results" ;;
+    moe) step 25 python3 -m experiments.benchmarks.moe --parts gmm --out "$results" ;;
+    spiking) step 25 python3 -m experiments.benchmarks.spiking --quick --out "$results" ;;
+    linear_attention_step) step 30 python3 -m experiments.benchmarks.linear_attention_step --out "$results" ;;
     linear_attention_passes) step 150 python3 -m experiments.benchmarks.linear_attention_passes --seq-len 8192 \
       --out "$results" ;;
     *) echo "== unknown step $1 (known: selftest linear_attention_fla attention moe spiking" \
-      "linear_attention_passes)" ;;
+      "linear_attention_step linear_attention_passes)" ;;
   esac
 }
 
 shift
-for name in "${@:-selftest linear_attention_fla attention moe spiking}"; do
+for name in "${@:-selftest linear_attention_fla attention moe spiking linear_attention_step}"; do
   for one in $name; do run "$one"; done
 done
 tar czf "$out/results.tar.gz" -C "$results" .

@@ -219,6 +219,18 @@ def test_step_gradients_match_reference(op):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_delta_step_without_decay_in_bfloat16_matches_reference():
+  """The xla delta step's one-read form (``S^T k`` and ``S^T q`` before the update) without a decay, bf16 inputs,
+  a per-query-head beta and GQA."""
+  args = helpers.inputs(11, batch=2, seq=1, heads=4, kv_heads=2, decay="none", delta=True, dtype=jnp.bfloat16)
+  at = [args[n][:, 0] for n in ("q", "k", "v", "beta")]
+  (o, state), (o_ref, state_ref) = (pallas_kernels.delta_rule_step(*at, args["initial_state"], implementation=impl)
+                                    for impl in ("xla", "reference"))
+  assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o_ref, np.float32), rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(state, state_ref, rtol=1e-5, atol=1e-5)
+
+
 def _all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn

@@ -28,8 +28,8 @@ Decays: log decays are clamped at :data:`._tiles.MIN_LOG_DECAY` (-30: ``exp(-30)
 resolution, so ``-inf`` empties the state to working precision and no ``-inf - -inf`` arises), and packed
 sequences (``segment_ids``) become that log decay at each sequence start, which empties the state the same
 way. The cumulative sum and these edits are plain JAX outside the ``custom_vjp``, so the gradient of the
-per-step log decays is autodiff's reverse cumsum of the ops' ``dG`` (with :attr:`Plan.step_decays` the op sums
-and returns the per-step cotangent itself).
+per-step log decays is autodiff's reverse cumsum of the ops' ``dG`` (with :attr:`Plan.step_decays` the op clamps
+and sums the decays and returns their per-step cotangent itself).
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ class Plan:
     decay: "none", "head" or "channel" (the form of ``G``).
     dtype: compute dtype of the dots (see :mod:`._tiles`).
     options: backend-specific settings (tile sizes, warps, stages), hashable.
-    step_decays: ``G`` holds the per-step log decays, which the backend sums within chunks itself (and its
-      backward returns their cotangent): set for a per-key-channel decay when the backend
+    step_decays: ``G`` holds the per-step log decays, not yet clamped, which the backend clamps at
+      :data:`._tiles.MIN_LOG_DECAY` and sums within chunks itself (and its backward returns their cotangent,
+      zero where the clamp holds): set for a per-key-channel decay when the backend
       :attr:`~Backend.sums_channel_decays`.
   """
   chunk: int
@@ -122,7 +123,7 @@ class Backend:
       (may raise ``NotImplementedError``).
     pad_pow2: pad K and V to powers of two (>= 16), as Triton's dots need.
     sums_channel_decays: for a per-key-channel decay the ops take the per-step log decays in place of ``G``
-      and sum them within chunks themselves (:attr:`Plan.step_decays`).
+      and clamp and sum them within chunks themselves (:attr:`Plan.step_decays`).
   """
   name: str
   gla: Op
@@ -212,13 +213,15 @@ def _segment_starts(segment_ids):
 
 
 def _log_decays(log_decay, segment_ids, shape_BTH, chunk: int, padded: int, *, cumulative: bool):
-  """``(B, H, T_padded, K')`` float32 log decays (module docstring), or ``None``: ``G``, summed within each chunk,
-  when ``cumulative``, else per step (:attr:`Plan.step_decays`)."""
+  """``(B, H, T_padded, K')`` float32 log decays (module docstring), or ``None``: ``G``, clamped and summed within
+  each chunk, when ``cumulative``, else per step, left for the backend to clamp (:attr:`Plan.step_decays`: no
+  whole-sequence pass, and no whole-sequence copy of a per-channel decay, on the path that does not need one)."""
   if log_decay is None and segment_ids is None:
     return None
   batch, seq, heads = shape_BTH
   g = jnp.zeros((batch, seq, heads, 1), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
-  g = jnp.maximum(g if g.ndim == 4 else g[..., None], MIN_LOG_DECAY)
+  g = g if g.ndim == 4 else g[..., None]
+  g = jnp.maximum(g, MIN_LOG_DECAY) if cumulative else g
   if segment_ids is not None:
     g = jnp.where(_segment_starts(segment_ids)[:, :, None, None], MIN_LOG_DECAY, g)
   width = g.shape[-1]

@@ -38,8 +38,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention._tiles import (as_row, causal_mask, col_dot, iota, last_row_mask, masked_exp,
-                                                    mm, mm_nt, mm_tn, precision, row_dot, wide)
+from pallas_kernels.linear_attention._tiles import (MIN_LOG_DECAY, as_row, causal_mask, col_dot, iota, last_row_mask,
+                                                    masked_exp, mm, mm_nt, mm_tn, precision, row_dot, wide)
 
 # ---- the inter-chunk terms (whole chunks or tiles of K / V) ------------------------------------------------
 
@@ -112,13 +112,24 @@ def chunk_output(q, v, G, state_VK, scores, dtype):
   return inter_output(q, G, state_VK, dtype) + scores.apply(v)
 
 
-def chunk_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, scores, dtype):
+def end_state_grad(state_out_VK, dstate_VK, G_last):
+  """``sum_v S' * dS'`` ``(1, K')`` from the state leaving a chunk and its cotangent: the last row's extra ``dG``
+  (None without decay). It equals the keys' part plus the carry's (:func:`inter_grads`, :func:`carry_grad`):
+  with ``W = v^T (k * exp(G_C - G))`` the state write, ``sum_j k_j * (v dS')_j exp(G_C - G_j) = sum_v W * dS'``,
+  and ``exp(G_C) S + W = S'``. A backend that holds ``S'`` (the state entering the next chunk) saves the keys'
+  ``(C, K)`` reduction, which XLA:CPU runs on a transposed copy of both operands."""
+  return None if G_last is None else reduce_to(col_dot(state_out_VK, dstate_VK), G_last)
+
+
+def chunk_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, scores, dtype, d_last=None):
   """``(dq, dk, dv, dG)`` of a chunk (``do`` already scaled) from the state entering it, the cotangent of the
-  state leaving it and its intra object; ``dG`` None without decay."""
+  state leaving it and its intra object; ``dG`` None without decay. ``d_last``: :func:`end_state_grad` of the
+  chunk where the caller has it (else summed from the keys and the carry)."""
   dq_a, dk_a, dv_a = scores.backward(do, v)
   dq, dk, dv, d_keys = inter_grads(q, k, v, G, G_last, state_VK, dstate_VK, do, dtype)
   dq, dk, dv = dq + dq_a, dk + dk_a, dv + dv_a
-  d_last = None if G is None else d_keys + carry_grad(G_last, state_VK, dstate_VK)
+  if G is not None and d_last is None:
+    d_last = d_keys + carry_grad(G_last, state_VK, dstate_VK)
   return dq, dk, dv, gate_grad(q, k, dq, dk, G, d_last)
 
 
@@ -183,9 +194,15 @@ MILD_SPREAD = 20.0  # largest within-chunk log-decay span (nats) of MidScores
 
 def is_mild(g):
   """Whether every chunk's cumulative log decay spans at most :data:`MILD_SPREAD` nats in every channel (always
-  true for GLA's ``logsigmoid(x) / 16`` gates at ``C <= 64``), from the per-step log decays ``g`` ``(..., C, K)``
-  (the span ``G_1 - G_C`` is minus the sum of rows 2..C): a scalar bool."""
-  return -jnp.min(jnp.sum(g[..., 1:, :], axis=-2)) <= MILD_SPREAD
+  true for GLA's ``logsigmoid(x) / 16`` gates at ``C <= 64``), from the per-step log decays ``g`` ``(..., C, K)``,
+  before or after the clamp at :data:`._tiles.MIN_LOG_DECAY` (a clamped value spans more than ``MILD_SPREAD``
+  either way): a scalar bool.
+
+  The span ``G_1 - G_C`` is minus the sum of rows 2..C, taken as the sum of all rows less the first (clamped, so
+  that ``-inf`` there gives ``-inf`` rather than NaN: not mild, which is always safe). It is one reduction over
+  ``g`` itself: XLA:CPU copies whatever it reduces, a slice of rows 2..C or a clamped or masked ``g``."""
+  span = jnp.sum(g, axis=-2) - jnp.maximum(g[..., 0, :], MIN_LOG_DECAY)
+  return -jnp.min(span) <= MILD_SPREAD
 
 
 class MidScores(HeadScores):

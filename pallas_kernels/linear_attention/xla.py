@@ -6,7 +6,7 @@ Each half of an op (forward; backward) is one loop over groups of consecutive ch
 a group's chunk-parallel work (state writes, WY/UT factors, outputs, gradients) runs batched over its chunks,
 and the state recurrence runs through them in order (``lax.scan``), the state carried from group to group (in
 reverse for the backward). No whole-sequence intermediate is written but the residuals the backward reads (the
-chunk states and, for the delta rule, ``delta``) and the results.
+chunk states and, for the delta rule, ``delta``; GLA also keeps the final state) and the results.
 
 * On a CPU a group holds about :data:`GROUP_BYTES` of queries (one 64-row chunk at H=8, K=V=128), so its
   intermediates stay in cache and its memory is reused from group to group. XLA:CPU allocates a program's
@@ -30,7 +30,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention import _chunked, _delta_math, _gla_math, reference
+from pallas_kernels.linear_attention import _chunked, _delta_math, _gla_math, _tiles, reference
 
 _F32 = jnp.float32
 # Sub-chunk rows of the exact per-channel intra-chunk scores (:class:`._gla_math.SecondaryChunkScores`).
@@ -88,13 +88,21 @@ def _sum_to(x, like):
   return jnp.sum(x, axis=3, keepdims=True) if like.shape[3] == 1 and x.shape[3] != 1 else x
 
 
-def _summed(g, plan, *, reverse: bool = False):
-  """A group's ``G`` from what the op was given: the per-step log decays when ``plan.step_decays`` (a
-  per-key-channel decay), summed here, else ``G`` itself; with ``reverse``, the cotangent of what the op was
-  given from that of ``G``. Summed group by group, the whole-sequence per-channel ``G`` and its cotangent are
-  never written (16 MiB each at H=8, K=V=128, T=4096); a per-head ``G`` is small, and summing it here cost
-  more than it saved."""
-  return _chunked.within_chunk_cumsum(g, reverse=reverse) if plan.step_decays and g is not None else g
+def _cumulative(g, plan):
+  """A group's ``G`` from what the op was given: with ``plan.step_decays`` (a per-key-channel decay) the
+  per-step log decays, clamped and summed here; else ``G`` itself. Clamped and summed group by group, the
+  whole-sequence per-channel ``G`` and its cotangent are never written (16 MiB each at H=8, K=V=128, T=4096),
+  nor is a clamped copy of the decays; a per-head ``G`` is small, and summing it here cost more than it saved."""
+  if not plan.step_decays or g is None:
+    return g
+  return _chunked.within_chunk_cumsum(jnp.maximum(g, _tiles.MIN_LOG_DECAY))
+
+
+def _step_grad(dG, g, plan):
+  """The cotangent of what the op was given (:func:`_cumulative`) from that of ``G``."""
+  if not plan.step_decays or g is None:
+    return dG
+  return jnp.where(g >= _tiles.MIN_LOG_DECAY, _chunked.within_chunk_cumsum(dG, reverse=True), 0.0)
 
 
 def _last(G):
@@ -186,7 +194,7 @@ def _gla_forward(q, k, v, g, h0, plan):
 
     def body(state, xs, _):
       q, k, v, g = xs
-      G = _summed(g, plan)
+      G = _cumulative(g, plan)
       write = _gla_math.state_write(k, v, G, _last(G), plan.dtype)
       state, states = _recurrence(state, _gla_math.carry(_last(G)), write)
       states = states.astype(plan.options.states_dtype)
@@ -195,31 +203,40 @@ def _gla_forward(q, k, v, g, h0, plan):
 
     final, ((o,), (states,)) = _over_groups(body, _grouped_states(h0, kv), tokens, (), plan, group_bytes,
                                             kv_heads=kv)
-    return o, _flat_states(final), states
+    return o, final, states
 
   o, final, states = _with_form(plan, tokens[3], run)  # swapped outside the cond, where the wrapper's cancels
-  return (_swap(o), final), ((q, k, v, g), states)
+  return (_swap(o), _flat_states(final)), ((q, k, v, g), states, final.astype(states.dtype))
 
 
 def _gla_backward(residuals, cotangents, plan):
-  (q, k, v, g), states = residuals
+  (q, k, v, g), states, final = residuals
   do, dh_final = cotangents
   kv = k.shape[1]
   tokens = tuple(map(_swap, (q, k, v, g, do)))
+  dh_final = _grouped_states(dh_final, kv)
+  # The last row's extra dG of every chunk, sum_v S' * dS' (:func:`._gla_math.end_state_grad`), pairs the
+  # state entering the next chunk with its cotangent; for a group's last chunk both belong to the group after
+  # it, which the reverse loop has just run and which passes the product on in its carry.
+  d_end = _gla_math.end_state_grad(final, dh_final, jnp.zeros((1, q.shape[-1] if plan.decay == "channel" else 1)))
 
   def run(form, group_bytes):
     scores = _scores(plan, form)
 
-    def body(dstate, xs, chunk_xs):
-      (q, k, v, g, do), (h,) = xs, chunk_xs
-      G, do = _summed(g, plan), plan.scale * do.astype(_F32)
+    def body(carry, xs, chunk_xs):
+      (dstate, d_end), (q, k, v, g, do), (h,) = carry, xs, chunk_xs
+      G, do = _cumulative(g, plan), plan.scale * do.astype(_F32)
       write = _gla_math.state_grad_write(q, G, do, plan.dtype)
       dstate, dS = _recurrence(dstate, _gla_math.carry(_last(G)), write, reverse=True)
-      dq, dk, dv, dG = _gla_math.chunk_grads(q, k, v, G, _last(G), h, dS, do, scores(q, k, G), plan.dtype)
-      return dstate, ((dq, _sum_to(dk, k), _sum_to(dv, v), _summed(dG, plan, reverse=True)), ())
+      if G is not None:
+        d_ends = jnp.concatenate([_gla_math.end_state_grad(h[1:], dS[:-1], _last(G)), d_end[None]])
+        d_end = _gla_math.end_state_grad(h[0], dstate, _last(G))
+      dq, dk, dv, dG = _gla_math.chunk_grads(q, k, v, G, _last(G), h, dS, do, scores(q, k, G), plan.dtype,
+                                             d_last=None if G is None else d_ends)
+      return (dstate, d_end), ((dq, _sum_to(dk, k), _sum_to(dv, v), _step_grad(dG, g, plan)), ())
 
-    dh0, (grads, _) = _over_groups(body, _grouped_states(dh_final, kv), tokens, (states,), plan, group_bytes,
-                                   kv_heads=kv, reverse=True)
+    (dh0, _), (grads, _) = _over_groups(body, (dh_final, d_end), tokens, (states,), plan, group_bytes,
+                                        kv_heads=kv, reverse=True)
     return grads, _flat_states(dh0)
 
   grads, dh0 = _with_form(plan, tokens[3], run)

@@ -79,6 +79,21 @@ def test_chunk_groups_match_reference(decay, delta, group_chunks, monkeypatch):
   helpers.assert_matches(helpers.outputs_and_grads("xla", args, chunk_size=16), want, **F32)
 
 
+def test_mild_form_is_chosen_from_unclamped_step_decays():
+  """``is_mild`` reads the per-step log decays before the clamp: a span of at most 20 nats over rows 2..C is
+  mild, whatever the first row holds while it is finite; -inf anywhere (first row included) is not, and never
+  NaN (the first row is clamped before it is taken from the sum)."""
+  from pallas_kernels.linear_attention import _gla_math  # pylint: disable=import-outside-toplevel
+  g = jnp.full((2, 3, 16, 8), -1.0)  # (batch, chunks, C, K): span 15 per chunk
+  assert bool(_gla_math.is_mild(g))
+  assert bool(_gla_math.is_mild(g.at[1, 2, 0, 5].set(-25.0)))  # the first row is not part of the span
+  assert bool(_gla_math.is_mild(g.at[1, 2, 3, 5].set(-6.0)))  # 20 nats over rows 2..C
+  assert not bool(_gla_math.is_mild(g.at[1, 2, 3, 5].set(-6.5)))  # 20.5
+  for row in (0, 7):
+    verdict = _gla_math.is_mild(g.at[0, 1, row, 2].set(-jnp.inf))
+    assert verdict.dtype == jnp.bool_ and not bool(verdict)
+
+
 def test_default_chunk_shrinks_for_short_sequences_and_small_heads():
   from pallas_kernels.linear_attention import default_chunk_size  # pylint: disable=import-outside-toplevel
   assert [default_chunk_size(t, 128, 128) for t in (1, 16, 17, 40, 64, 65, 4096)] == [16, 16, 32, 48, 64, 64, 64]
